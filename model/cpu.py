@@ -1,0 +1,130 @@
+"""Run megatron.core's training machinery on a machine without CUDA (gloo, CPU tensors).
+
+megatron.core's model code runs on CPU as it is (Tandem's core attention does RoPE and masking
+itself), but its schedules, DDP, optimizers, gradient clipping and dist checkpointing hard-code CUDA
+in a few ways. ``enable()`` covers exactly those, and only when CUDA is absent; with CUDA it does
+nothing, so GPU runs use megatron.core untouched.
+
+What it patches (all process-wide, CPU-only):
+1. tensor factories called with ``device="cuda"`` (``torch.zeros/ones/empty/full/tensor/...``) build
+   on the CPU instead (schedules' token counters, optimizer flags, grad-norm buffers, checkpoint
+   exchange buffers), and ``Tensor.cuda()`` returns the tensor itself;
+2. ``Tensor.type()`` reports ``torch.cuda.*Tensor`` names, which megatron's optimizers and grad
+   clipping check before accepting a parameter;
+3. ``torch.cuda`` device/stream/RNG calls: ``current_device`` names the CPU, synchronize and
+   streams are no-ops, and megatron's CUDA RNG tracker seeds, saves and restores the CPU generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+_FACTORIES = (
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "tensor",
+    "as_tensor",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "randperm",
+    "linspace",
+    "eye",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "empty_strided",
+)
+_enabled = False
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int)  # a bare CUDA ordinal
+
+
+def _cpu_factory(factory):
+    @functools.wraps(factory)
+    def build(*args, **kwargs):
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return build
+
+
+class _NullStream:
+    """Stands in for a CUDA stream: waiting and synchronising are no-ops on CPU."""
+
+    def wait_stream(self, *_, **__):
+        return None
+
+    def wait_event(self, *_, **__):
+        return None
+
+    def record_event(self, *_, **__):
+        return None
+
+    def synchronize(self):
+        return None
+
+
+def _tensor_type(original):
+    @functools.wraps(original)
+    def type_(self, *args, **kwargs):
+        if args or kwargs:
+            return original(self, *args, **kwargs)
+        name = original(self)
+        return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+
+    return type_
+
+
+def enable() -> bool:
+    """Patch the CUDA-only calls megatron.core makes; a no-op when CUDA is available.
+
+    Returns True when the CPU patches are active. Idempotent."""
+    global _enabled
+    if torch.cuda.is_available():
+        return False
+    if _enabled:
+        return True
+    for name in _FACTORIES:
+        setattr(torch, name, _cpu_factory(getattr(torch, name)))
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.Tensor.type = _tensor_type(torch.Tensor.type)
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.default_stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.Stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    # megatron seeds its tracked CUDA generators through these; the tracker then saves and
+    # restores the CPU generator around each use, so the seeded streams stay reproducible.
+    # (torch.manual_seed itself calls torch.cuda.manual_seed_all, which must stay a no-op.)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = lambda seed: None
+
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    megatron_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    _enabled = True
+    return True
+
+
+def is_enabled() -> bool:
+    return _enabled

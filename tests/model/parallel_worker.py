@@ -1,0 +1,116 @@
+"""torchrun worker for the tensor/pipeline-parallel parity tests (run by test_parallel.py).
+
+``--save DIR``: at TP=PP=1, build the model, save it as a dist checkpoint and the reference logits and
+per-micro-batch losses. ``--load DIR --tp N --pp M``: load that checkpoint into the N x M layout and
+write this layout's logits (TP) and losses (PP) next to it for the test to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--save", action="store_true")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    args = parser.parse_args()
+
+    from model import cpu
+
+    cpu.enable()
+    dist.init_process_group("gloo")
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from kernels import masks
+    from model.attention import attention_inputs
+    from model.config import ModelConfig, ParallelConfig, PrecisionConfig
+    from model.megatron import build_model
+
+    parallel_state.initialize_model_parallel(args.tp, args.pp)
+    cfg = ModelConfig(
+        name="parity",
+        num_layers=4,
+        hidden_size=64,
+        ffn_hidden_size=160,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=300,
+        max_position_embeddings=128,
+        qk_layernorm=True,
+    )
+    torch.manual_seed(
+        1234 + dist.get_rank()
+    )  # different init per rank: weights must come from the checkpoint
+    model = build_model(cfg, ParallelConfig(tensor=args.tp, pipeline=args.pp), PrecisionConfig())
+    out = Path(args.dir)
+    if args.save:
+        (out / "ckpt").mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(model.sharded_state_dict(), str(out / "ckpt"))
+    else:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(out / "ckpt"))
+        model.load_state_dict(state)
+
+    L, micro_batches, micro_batch_size = 16, 4, 2
+    generator = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, cfg.vocab_size, (micro_batches, micro_batch_size, 2 * L), generator=generator)
+    labels = torch.randint(0, cfg.vocab_size, (micro_batches, micro_batch_size, 2 * L), generator=generator)
+    positions = torch.arange(L).repeat(2).expand(micro_batch_size, 2 * L)
+    inputs = attention_inputs(cfg, positions, masks.dense(masks.block_diffusion(L, 4), 2 * L, 2 * L))
+
+    results = {}
+    if args.pp == 1:
+        with torch.no_grad():
+            logits = model.eval()(
+                tokens[0], positions, None, packed_seq_params=inputs, runtime_gather_output=True
+            )
+        results["logits"] = logits[..., : cfg.vocab_size]
+
+    model.train()
+    batches = iter(zip(tokens, labels, strict=True))
+
+    def forward_step(data_iterator, stage):
+        micro_tokens, micro_labels = next(data_iterator)
+        per_token = stage(micro_tokens, positions, None, labels=micro_labels, packed_seq_params=inputs)
+
+        def loss_func(output):
+            loss = output.float().mean()
+            return loss, {"loss": loss.detach().clone()}  # megatron scales `loss` in place
+
+        return per_token, loss_func
+
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=batches,
+        model=[model],
+        num_microbatches=micro_batches,
+        seq_length=2 * L,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    if parallel_state.is_pipeline_last_stage():
+        results["losses"] = torch.stack([m["loss"] for m in losses])
+        grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+        results["has_grads"] = torch.tensor(len(grads) > 0)
+    if parallel_state.get_tensor_model_parallel_rank() == 0 and results:
+        name = (
+            "reference"
+            if args.save
+            else f"tp{args.tp}_pp{args.pp}_stage{parallel_state.get_pipeline_model_parallel_rank()}"
+        )
+        torch.save(results, out / f"{name}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

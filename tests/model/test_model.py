@@ -1,0 +1,231 @@
+"""The megatron.core model with Tandem's core attention, checked against transformers and the masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Ministral3Config,
+    Ministral3ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from kernels import flex, masks
+from model import keymap
+from model.attention import attention_inputs
+from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
+from model.megatron import build_model
+
+YARN = RopeConfig(
+    rope_type=RopeType.yarn,
+    rope_theta=1e6,
+    factor=16.0,
+    original_max_position_embeddings=16,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+    llama_4_scaling_beta=0.1,
+)
+LLAMA3 = RopeConfig(
+    rope_type=RopeType.llama3,
+    rope_theta=5e5,
+    factor=8.0,
+    original_max_position_embeddings=32,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+)
+
+
+def small(**overrides) -> ModelConfig:
+    values = dict(
+        name="test",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=160,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=300,
+        max_position_embeddings=256,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def build(cfg: ModelConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(cfg, ParallelConfig(), PrecisionConfig())
+    return model.eval()
+
+
+def megatron_state(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def forward(model, cfg, tokens, position_ids, mask):
+    inputs = attention_inputs(cfg, position_ids, mask)
+    return model(tokens, position_ids, None, packed_seq_params=inputs, runtime_gather_output=True)
+
+
+def hf_twin(cfg: ModelConfig, family: str):
+    """The transformers model of the same shape (config written out independently of Tandem)."""
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.query_groups,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.norm_epsilon,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False,
+        rope_parameters=cfg.rope.to_hf(),
+        attention_dropout=0.0,
+    )
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, attention_bias=False, mlp_bias=False))
+    if family == "ministral3":
+        return Ministral3ForCausalLM(Ministral3Config(**common))
+    if family == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**common, attention_bias=False))
+    raise ValueError(family)
+
+
+@pytest.mark.parametrize(
+    ("family", "cfg"),
+    [
+        ("llama", small()),
+        ("llama", small(rope=LLAMA3, num_query_groups=4)),
+        ("ministral3", small(rope=YARN, kv_channels=32)),  # hidden != heads * head_dim, as in the 3B
+        ("qwen3", small(qk_layernorm=True, norm_epsilon=1e-6, num_query_groups=1)),
+    ],
+    ids=["llama", "llama3-rope-mha", "ministral3-yarn", "qwen3-qknorm"],
+)
+def test_causal_forward_equals_transformers(megatron_single, family, cfg):
+    model = build(cfg)
+    reference = hf_twin(cfg, family).eval()
+    missing, unexpected = reference.load_state_dict(
+        keymap.to_hf(megatron_state(model), cfg, keymap.LAYOUTS["llama"]), strict=False
+    )
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    torch.manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 40))  # 40 > original_max_position_embeddings of YARN
+    positions = torch.arange(40).expand(2, 40)
+    with torch.no_grad():
+        ours = forward(model, cfg, tokens, positions, masks.dense(masks.causal(), 40, 40))[
+            ..., : cfg.vocab_size
+        ]
+        theirs = reference(input_ids=tokens).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_keymap_round_trip_is_exact(megatron_single):
+    cfg = small(qk_layernorm=True, vocab_size=250)
+    state = megatron_state(build(cfg))
+    for layout in keymap.LAYOUTS.values():
+        back = keymap.from_hf(keymap.to_hf(state, cfg, layout), cfg, layout)
+        assert back.keys() == state.keys()
+        for name, tensor in state.items():
+            if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                # Padding rows are not part of the HF checkpoint; they come back as zeros.
+                assert torch.equal(back[name][: cfg.vocab_size], tensor[: cfg.vocab_size]), name
+            else:
+                assert torch.equal(back[name], tensor), name
+
+
+def test_tied_source_initialises_the_untied_head_from_the_embedding(megatron_single):
+    cfg = small()
+    hf = keymap.to_hf(megatron_state(build(cfg)), cfg, keymap.LAYOUTS["llama"])
+    del hf["lm_head.weight"]
+    state = keymap.from_hf(hf, cfg, keymap.LAYOUTS["llama"], tied_head=True)
+    assert torch.equal(state["output_layer.weight"], state["embedding.word_embeddings.weight"])
+
+
+def expected_parameter_count(cfg: ModelConfig) -> int:
+    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
+    attention = h * d * (cfg.num_attention_heads + 2 * cfg.query_groups) + cfg.num_attention_heads * d * h
+    mlp = 3 * h * f
+    norms = 2 * h + (2 * d if cfg.qk_layernorm else 0)
+    return cfg.num_layers * (attention + mlp + norms) + h + 2 * cfg.padded_vocab_size * h
+
+
+@pytest.mark.parametrize("cfg", [small(), small(kv_channels=24, qk_layernorm=True)], ids=["plain", "qknorm"])
+def test_parameter_count_matches_the_formula(megatron_single, cfg):
+    model = build(cfg)
+    assert sum(p.numel() for p in model.parameters()) == expected_parameter_count(cfg)
+
+
+def joint_forward(model, cfg, clean, noisy, block):
+    L = clean.shape[1]
+    tokens = torch.cat([noisy, clean], dim=1)
+    positions = torch.arange(L).repeat(2).expand(clean.shape[0], 2 * L)
+    mask = masks.dense(masks.block_diffusion(L, block), 2 * L, 2 * L)
+    with torch.no_grad():
+        return forward(model, cfg, tokens, positions, mask)
+
+
+def test_noisy_logits_of_a_block_ignore_its_own_clean_block(megatron_single):
+    cfg, L, B = small(), 32, 8
+    model = build(cfg)
+    torch.manual_seed(2)
+    clean = torch.randint(3, cfg.vocab_size, (1, L))
+    noisy = torch.where(torch.rand(1, L) < 0.5, torch.full_like(clean, 2), clean)
+    base = joint_forward(model, cfg, clean, noisy, B)
+    b = 1  # perturb the clean tokens of block 1
+    perturbed = clean.clone()
+    perturbed[:, b * B : (b + 1) * B] = (perturbed[:, b * B : (b + 1) * B] + 7) % cfg.vocab_size
+    after = joint_forward(model, cfg, perturbed, noisy, B)
+    noisy_logits = lambda out, blk: out[:, blk * B : (blk + 1) * B]
+    for earlier in range(b + 1):
+        assert torch.equal(noisy_logits(after, earlier), noisy_logits(base, earlier)), earlier
+    assert not torch.allclose(noisy_logits(after, b + 1), noisy_logits(base, b + 1))
+    assert not torch.allclose(noisy_logits(after, b + 2), noisy_logits(base, b + 2))
+
+
+def test_clean_half_of_the_joint_forward_is_the_causal_model(megatron_single):
+    cfg, L = small(), 32
+    model = build(cfg)
+    torch.manual_seed(3)
+    clean = torch.randint(3, cfg.vocab_size, (2, L))
+    noisy = torch.full_like(clean, 2)
+    joint = joint_forward(model, cfg, clean, noisy, 8)
+    positions = torch.arange(L).expand(2, L)
+    with torch.no_grad():
+        causal = forward(model, cfg, clean, positions, masks.dense(masks.causal(), L, L))
+    torch.testing.assert_close(joint[:, L:], causal, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_block_mask_forward_equals_dense_through_the_model(megatron_single):
+    cfg, L, B = small(), 64, 16
+    model = build(cfg)
+    torch.manual_seed(4)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 2 * L))
+    positions = torch.arange(L).repeat(2).expand(2, 2 * L)
+    mod = masks.block_diffusion(L, B)
+    with torch.no_grad():
+        dense_out = forward(model, cfg, tokens, positions, masks.dense(mod, 2 * L, 2 * L))
+        flex_out = forward(model, cfg, tokens, positions, flex.block_mask(mod, 2 * L, 2 * L))
+    torch.testing.assert_close(flex_out, dense_out, atol=1e-5, rtol=1e-5)
+
+
+def test_backward_reaches_every_parameter(megatron_single):
+    cfg, L = small(qk_layernorm=True), 16
+    model = build(cfg).train()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 2 * L))
+    positions = torch.arange(L).repeat(2).expand(2, 2 * L)
+    out = forward(model, cfg, tokens, positions, masks.dense(masks.block_diffusion(L, 4), 2 * L, 2 * L))
+    out.float().pow(2).mean().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_missing_attention_inputs_is_a_clear_error(megatron_single):
+    cfg = small()
+    model = build(cfg)
+    tokens = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(TypeError, match="AttentionInputs"):
+        model(tokens, torch.arange(8)[None], None)

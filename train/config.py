@@ -1,0 +1,278 @@
+"""The root of Tandem's typed configuration, its Hydra registration, and start-up validation.
+
+Each package owns the dataclass of its knobs (``model.config``, ``data.config``); this module adds the
+run-level ones and assembles ``TrainConfig``. ``load_config`` turns a composed Hydra config into a
+validated ``TrainConfig``: the composed tree is re-merged onto a fresh schema, so a typo, a wrong
+type, a bad enum value or a key forced in with ``+key=`` fails before any work starts, naming the key.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.config import DataConfig
+from kernels.masks import CleanAttention
+from model.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from train.masking import MaskingKind
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ObjectiveKind(enum.Enum):
+    ar = "ar"  # plain causal LM over the clean sequence (length L)
+    diffusion = "diffusion"  # block diffusion: only the noisy half of [x_t ; x_0] carries loss
+    joint = "joint"  # AR loss on the clean half + diffusion loss on the noisy half, one forward
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: ObjectiveKind = ObjectiveKind.joint
+    # Tokens per diffusion block (32 at inference in Nemotron-Labs-Diffusion, 64 in its joint recipe).
+    block_size: int = 32
+    # Clean-half self-attention: token-causal (NLD; the clean half is an AR LM) or block-causal (BD3-LM).
+    clean_attention: CleanAttention = CleanAttention.causal
+    ar_weight: float = 1.0
+    diffusion_weight: float = 0.3
+    # The [MASK] token id; None -> the tokenizer's mask token.
+    mask_token_id: int | None = None
+    # Minimum masking probability: p = (1 - eps) * t + eps, t ~ U(t_min, t_max).
+    eps: float = 1e-3
+    # sequence: one t per sequence (NLD); block: one t per block (BD3-LM); position: later positions
+    # masked more (Efficient-DLM); full: everything masked, p = 1 (one-pass drafter, TiDAR).
+    masking: MaskingKind = MaskingKind.sequence
+    # Clipped noise levels (BD3-LM); with resample, units whose realised mask rate falls outside
+    # [t_min, t_max] are drawn again.
+    t_min: float = 0.0
+    t_max: float = 1.0
+    resample: bool = False
+    # position masking: the mask weight halves every half_life_ratio * block_size positions.
+    half_life_ratio: float = 0.25
+    # Fraction of sequences whose noisy copy is fully masked (trains one-pass drafting).
+    drafter_fraction: float = 0.0
+
+    def validate(self) -> None:
+        if self.block_size < 1:
+            raise ConfigError(f"objective.block_size={self.block_size} must be >= 1")
+        if not 0 < self.eps < 1:
+            raise ConfigError(f"objective.eps={self.eps} must be in (0, 1)")
+        if not 0 <= self.t_min < self.t_max <= 1:
+            raise ConfigError(
+                f"objective.t_min={self.t_min} and objective.t_max={self.t_max} must satisfy "
+                "0 <= t_min < t_max <= 1"
+            )
+        if not 0 <= self.drafter_fraction <= 1:
+            raise ConfigError(f"objective.drafter_fraction={self.drafter_fraction} must be in [0, 1]")
+        if self.half_life_ratio <= 0:
+            raise ConfigError(f"objective.half_life_ratio={self.half_life_ratio} must be positive")
+        if self.ar_weight < 0 or self.diffusion_weight < 0:
+            raise ConfigError(
+                f"objective.ar_weight={self.ar_weight} and objective.diffusion_weight="
+                f"{self.diffusion_weight} must be >= 0"
+            )
+
+
+class LrSchedule(enum.Enum):
+    constant = "constant"
+    cosine = "cosine"
+    wsd = "wsd"  # warmup-stable-decay
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    schedule: LrSchedule = LrSchedule.cosine
+    # Warmup as a fraction of steps (used when warmup_steps is None).
+    warmup_fraction: float = 0.01
+    warmup_steps: int | None = None
+    # WSD: the final fraction of steps that decays to min_lr.
+    decay_fraction: float = 0.2
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0 and optim.min_lr={self.min_lr} in [0, lr]")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"optim.beta1={self.beta1} and optim.beta2={self.beta2} must be in [0, 1)")
+
+
+@dataclass
+class CheckpointConfig:
+    # Where checkpoints go; None -> <run_dir>/checkpoints. Auto-resume reads the same folder.
+    dir: str | None = None
+    # Save every N steps (0: only at the end and on SIGTERM/SIGUSR1).
+    interval: int = 0
+    # Keep the newest N checkpoints (0 keeps all).
+    keep: int = 2
+    # Initial weights from another checkpoint (e.g. an imported Hugging Face model).
+    load: str | None = None
+    # With `load`: weights only (no optimizer, scheduler, step or data position).
+    finetune: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    tensorboard: bool = True
+    # Weights & Biases; runs offline when WANDB_API_KEY is not set.
+    wandb: bool = False
+    wandb_project: str = "tandem"
+    wandb_entity: str | None = None
+    # Validation every N steps (0: never) over `eval_iters` batches.
+    eval_interval: int = 100
+    eval_iters: int = 10
+
+
+@dataclass
+class LaunchConfig:
+    """What the launcher promises; checked against torchrun's WORLD_SIZE at start-up (0: not checked)."""
+
+    nodes: int = 0
+    gpus_per_node: int = 0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    # Optimizer steps to train.
+    steps: int = MISSING
+    global_batch_size: int = MISSING
+    micro_batch_size: int = 1
+    seed: int = 1234
+    # Everything a run writes (logs, checkpoints, plots); shared by all ranks.
+    run_dir: str = "runs/default"
+
+    def validate(self) -> None:
+        """Every group's own checks, then the checks that span groups."""
+        for group in (self.model, self.objective, self.parallel, self.precision, self.optim):
+            group.validate()
+        model, parallel = self.model, self.parallel
+        tp, pp = parallel.tensor, parallel.pipeline
+        for name in ("num_attention_heads", "query_groups", "ffn_hidden_size", "padded_vocab_size"):
+            value = getattr(model, name)
+            if value % tp:
+                key = "num_query_groups" if name == "query_groups" else name
+                raise ConfigError(
+                    f"model.{key}={value} is not divisible by parallel.tensor={tp}; "
+                    f"choose parallel.tensor among the divisors of {value}"
+                )
+        stages = pp * (parallel.virtual_pipeline or 1)
+        if model.num_layers % stages:
+            raise ConfigError(
+                f"model.num_layers={model.num_layers} is not divisible by parallel.pipeline={pp}"
+                + (
+                    f" x parallel.virtual_pipeline={parallel.virtual_pipeline}"
+                    if parallel.virtual_pipeline
+                    else ""
+                )
+            )
+        if self.data.seq_length % self.objective.block_size:
+            raise ConfigError(
+                f"data.seq_length={self.data.seq_length} is not a multiple of "
+                f"objective.block_size={self.objective.block_size}"
+            )
+        if self.data.seq_length > model.max_position_embeddings:
+            raise ConfigError(
+                f"data.seq_length={self.data.seq_length} exceeds "
+                f"model.max_position_embeddings={model.max_position_embeddings}"
+            )
+        for name in ("steps", "global_batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"global_batch_size={self.global_batch_size} is not a multiple of "
+                f"micro_batch_size={self.micro_batch_size}"
+            )
+        if (
+            self.objective.mask_token_id is not None
+            and not 0 <= self.objective.mask_token_id < model.vocab_size
+        ):
+            raise ConfigError(
+                f"objective.mask_token_id={self.objective.mask_token_id} is outside the vocabulary "
+                f"[0, model.vocab_size={model.vocab_size})"
+            )
+
+
+def register_configs() -> None:
+    """Register the schemas: `train_schema` for the root, `<group>_schema` inside each group."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, node in (
+        ("model", ModelConfig),
+        ("objective", ObjectiveConfig),
+        ("data", DataConfig),
+        ("parallel", ParallelConfig),
+        ("precision", PrecisionConfig),
+        ("optim", OptimConfig),
+        ("checkpoint", CheckpointConfig),
+        ("logging", LoggingConfig),
+        ("launch", LaunchConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def load_config(cfg: DictConfig) -> TrainConfig:
+    """A composed Hydra config -> a validated TrainConfig (raises ConfigError naming the key)."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        plain.pop("hydra", None)
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(
+                f"required config value(s) not set: {', '.join(missing)}; set them in a config file "
+                "or on the command line (e.g. `steps=100`)"
+            )
+        train = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from None
+    train.validate()
+    return train
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> TrainConfig:
+    """Compose ``configs/<config_name>.yaml`` with Hydra overrides and validate it (tests, scripts)."""
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=list(overrides or []))
+    except Exception as err:  # Hydra wraps OmegaConf errors in ConfigCompositionException
+        cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
+        raise ConfigError(_describe(cause) if cause else str(err)) from None
+    return load_config(cfg)
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    """OmegaConf's message with the full key first, e.g. 'model.rope.rope_type: Invalid value ...'."""
+    key = getattr(err, "full_key", None)
+    message = str(err).split("\n")[0]
+    return f"{key}: {message}" if key else message
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (logged at start and saved beside every checkpoint)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,109 @@
+"""Process groups from torchrun's environment: gloo on CPU, NCCL on GPU, then megatron's TP/PP/DP groups.
+
+A plain ``python -m train`` (no torchrun) runs as a world of one. The layout is checked against the
+world size before any group is made, with the numbers in the message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from model import cpu
+from model.config import ConfigError
+from train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: TrainConfig) -> World:
+    """Join (or create) the process group and build megatron's parallel groups for ``cfg.parallel``."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    if size % (tp * pp):
+        raise ConfigError(
+            f"the world size {size} is not divisible by parallel.tensor={tp} x parallel.pipeline={pp}; "
+            f"launch a multiple of {tp * pp} processes"
+        )
+    expected = cfg.launch.nodes * cfg.launch.gpus_per_node
+    if expected and expected != size:
+        raise ConfigError(
+            f"launch.nodes={cfg.launch.nodes} x launch.gpus_per_node={cfg.launch.gpus_per_node} = {expected} "
+            f"but torchrun started WORLD_SIZE={size} processes"
+        )
+    dp_size = size // (tp * pp)
+    if cfg.global_batch_size % (cfg.micro_batch_size * dp_size):
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size="
+            f"{cfg.micro_batch_size} x data-parallel size {dp_size}"
+        )
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        cpu.enable()
+        if cfg.parallel.distributed_optimizer:
+            raise ConfigError(
+                "parallel.distributed_optimizer=true needs CUDA (its resume is not exact on the CPU fallback "
+                "optimizer); use parallel.distributed_optimizer=false on CPU"
+            )
+    if not dist.is_initialized():
+        if on_gpu:
+            torch.cuda.set_device(local_rank)
+        if "MASTER_ADDR" not in os.environ:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        dist.init_process_group(
+            backend="nccl" if on_gpu else "gloo",
+            rank=rank,
+            world_size=size,
+            timeout=datetime.timedelta(minutes=int(os.environ.get("TANDEM_DIST_TIMEOUT_MIN", "30"))),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
+    return World(
+        rank=rank,
+        size=size,
+        local_rank=local_rank,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        device=torch.device("cuda", local_rank) if on_gpu else torch.device("cpu"),
+    )
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,189 @@
+"""Training objectives: what the model is fed and how each token's cross-entropy is weighted.
+
+An objective turns a data batch into ``ModelInputs``: the token sequence, its positions, the label of
+every position, the attention predicate, and named ``LossTerm``s (per-token weights and a scale).
+The model's vocab-parallel cross-entropy over all positions is then reduced the same way for every
+objective (``reduce``):
+
+    loss = sum_k scale_k * sum_i w_k[i] * CE[i]      normalised by  sum_k #supervised_k
+
+which for ``Joint`` is Nemotron-Labs-Diffusion's ``(1.0 * sum AR CE + 0.3 * sum masked CE / p) /
+(#masked + #AR)``; megatron.core divides by the token count summed over the global batch.
+
+Legend: B batch, L clean length, S model sequence (L or 2L).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from kernels import masks
+from kernels.masks import CleanAttention, MaskMod
+from train.config import ObjectiveConfig, ObjectiveKind
+from train.masking import Masking
+
+
+class Batch(Protocol):
+    tokens: torch.Tensor  # [B, L] long
+    labels: torch.Tensor  # [B, L] long, next token
+    loss_mask: torch.Tensor  # [B, L] float
+    position_ids: torch.Tensor  # [B, L] long
+    document_ids: torch.Tensor | None  # [B, L] long, or None when documents are not separated
+
+
+@dataclass
+class LossTerm:
+    weights: torch.Tensor  # [B, S] float; 0 where the term does not supervise
+    scale: float
+
+    @property
+    def count(self) -> torch.Tensor:
+        return (self.weights > 0).sum()
+
+
+@dataclass
+class ModelInputs:
+    tokens: torch.Tensor  # [B, S]
+    position_ids: torch.Tensor  # [B, S]
+    labels: torch.Tensor  # [B, S]
+    mask_mod: MaskMod  # the attention predicate over S (True = may attend)
+    terms: dict[str, LossTerm] = field(default_factory=dict)
+    # Diffusion bookkeeping for metrics: which positions were masked, and their CE (unweighted).
+    masked: torch.Tensor | None = None  # [B, S] bool
+
+
+@dataclass
+class Reduced:
+    loss_sum: torch.Tensor  # scalar, sum_k scale_k * sum(w_k * CE)
+    num_tokens: torch.Tensor  # scalar int, sum_k #supervised_k
+    sums: dict[str, torch.Tensor]  # per term: sum(w_k * CE), detached
+    counts: dict[str, torch.Tensor]  # per term: #supervised_k
+    masked_ce_sum: torch.Tensor | None = None  # sum of CE over masked positions (unweighted), detached
+
+
+def reduce(per_token_ce: torch.Tensor, inputs: ModelInputs) -> Reduced:
+    """Reduce the per-token cross-entropy [B, S] with the objective's terms."""
+    ce = per_token_ce.float()
+    loss_sum = ce.new_zeros(())
+    sums, counts = {}, {}
+    for name, term in inputs.terms.items():
+        # where(), not multiplication: a non-finite CE at an unsupervised position must not leak in.
+        weighted = torch.where(term.weights > 0, ce * term.weights, torch.zeros_like(ce)).sum()
+        loss_sum = loss_sum + term.scale * weighted
+        sums[name] = weighted.detach()
+        counts[name] = term.count
+    num_tokens = sum(counts.values(), torch.zeros((), dtype=torch.long))
+    masked_ce = None
+    if inputs.masked is not None:
+        masked_ce = torch.where(inputs.masked, ce, torch.zeros_like(ce)).sum().detach()
+    return Reduced(loss_sum, num_tokens, sums, counts, masked_ce)
+
+
+def _document_mask(mask_mod: MaskMod, document_ids: torch.Tensor | None, copies: int) -> MaskMod:
+    if document_ids is None:
+        return mask_mod
+    return masks.and_masks(mask_mod, masks.same_document(torch.cat([document_ids] * copies, dim=1)))
+
+
+class CausalLM:
+    """Plain next-token prediction over the clean sequence (length L)."""
+
+    def __init__(self, ar_weight: float = 1.0):
+        self.ar_weight = ar_weight
+
+    def prepare(self, batch: Batch, generator: torch.Generator) -> ModelInputs:
+        return ModelInputs(
+            tokens=batch.tokens,
+            position_ids=batch.position_ids,
+            labels=batch.labels,
+            mask_mod=_document_mask(masks.causal(), batch.document_ids, copies=1),
+            terms={"ar": LossTerm(batch.loss_mask.float(), self.ar_weight)},
+        )
+
+
+class BlockDiffusion:
+    """Masked block diffusion over ``[x_t ; x_0]`` (length 2L): loss on the masked noisy tokens only.
+
+    The noisy half predicts the token at the same position (no shift), weighted 1/p; the clean half
+    only provides keys and values for later blocks."""
+
+    def __init__(
+        self,
+        masking: Masking,
+        mask_token_id: int,
+        block_size: int,
+        clean_attention: CleanAttention = CleanAttention.causal,
+        diffusion_weight: float = 1.0,
+    ):
+        self.masking = masking
+        self.mask_token_id = mask_token_id
+        self.block_size = block_size
+        self.clean_attention = clean_attention
+        self.diffusion_weight = diffusion_weight
+
+    def clean_terms(self, batch: Batch) -> dict[str, LossTerm]:
+        """Loss terms on the clean half (none: it carries no loss here)."""
+        return {}
+
+    def prepare(self, batch: Batch, generator: torch.Generator) -> ModelInputs:
+        tokens, L = batch.tokens, batch.tokens.shape[1]
+        masked, p = self.masking(batch.loss_mask, generator)
+        masked, p = masked.to(tokens.device), p.to(tokens.device)
+        noisy = torch.where(masked, torch.full_like(tokens, self.mask_token_id), tokens)
+        no_loss = torch.zeros_like(batch.loss_mask, dtype=torch.float32)
+        diffusion_weights = torch.where(masked, 1.0 / p, torch.zeros_like(p))
+        terms = {"diffusion": LossTerm(torch.cat([diffusion_weights, no_loss], dim=1), self.diffusion_weight)}
+        terms.update(self.clean_terms(batch))
+        return ModelInputs(
+            tokens=torch.cat([noisy, tokens], dim=1),
+            position_ids=torch.cat([batch.position_ids, batch.position_ids], dim=1),
+            # Noisy half: the token at the same position. Clean half: the next token.
+            labels=torch.cat([tokens, batch.labels], dim=1),
+            mask_mod=_document_mask(
+                masks.block_diffusion(L, self.block_size, self.clean_attention), batch.document_ids, copies=2
+            ),
+            terms=terms,
+            masked=torch.cat([masked, torch.zeros_like(masked)], dim=1),
+        )
+
+
+class Joint(BlockDiffusion):
+    """Nemotron-Labs-Diffusion's joint objective: block diffusion on the noisy half and next-token
+    prediction on the clean half, from the same forward pass."""
+
+    def __init__(self, *args, ar_weight: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ar_weight = ar_weight
+
+    def clean_terms(self, batch: Batch) -> dict[str, LossTerm]:
+        no_loss = torch.zeros_like(batch.loss_mask, dtype=torch.float32)
+        return {"ar": LossTerm(torch.cat([no_loss, batch.loss_mask.float()], dim=1), self.ar_weight)}
+
+
+def build_objective(cfg: ObjectiveConfig, mask_token_id: int) -> CausalLM | BlockDiffusion:
+    """The objective named by ``cfg.kind``."""
+    if cfg.kind is ObjectiveKind.ar:
+        return CausalLM(ar_weight=cfg.ar_weight)
+    masking = Masking(
+        kind=cfg.masking,
+        block_size=cfg.block_size,
+        eps=cfg.eps,
+        t_min=cfg.t_min,
+        t_max=cfg.t_max,
+        resample=cfg.resample,
+        half_life_ratio=cfg.half_life_ratio,
+        drafter_fraction=cfg.drafter_fraction,
+    )
+    common = dict(
+        masking=masking,
+        mask_token_id=mask_token_id,
+        block_size=cfg.block_size,
+        clean_attention=cfg.clean_attention,
+        diffusion_weight=cfg.diffusion_weight,
+    )
+    if cfg.kind is ObjectiveKind.diffusion:
+        return BlockDiffusion(**common)
+    return Joint(**common, ar_weight=cfg.ar_weight)
