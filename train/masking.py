@@ -3,16 +3,26 @@
 Every scheme returns ``(masked [B, L] bool, p [B, L] float)``; the diffusion loss weighs the
 cross-entropy of a masked token by 1/p (MDLM / LLaDA linear schedule: Sahoo et al. 2024, Sec. 3;
 Nie et al. 2025, Eq. 3). Tokens with ``loss_mask == 0`` are never masked. Randomness comes only from
-the generator passed in, which the trainer seeds per (step, micro-batch, data-parallel rank).
+one generator per sample, which the trainer seeds from the sample's global index (``mask_seed``).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
+
+
+def mask_seed(seed: int, *parts) -> int:
+    """A 63-bit generator seed for one sample's mask, from (seed, split, global sample index): the
+    tensor- and pipeline-parallel ranks of a replica draw the same mask, data-parallel replicas (which
+    hold other samples) different ones, any layout draws the same mask for the same sample, and a
+    resumed run redraws exactly the masks it would have drawn."""
+    digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class MaskingKind(enum.Enum):
@@ -40,8 +50,16 @@ class Masking:
     drafter_fraction: float = 0.0
 
     def __call__(
-        self, loss_mask: torch.Tensor, generator: torch.Generator
+        self, loss_mask: torch.Tensor, generators: list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks for a batch [B, L]; row i draws only from ``generators[i]``, so a sample's mask does
+        not depend on which micro-batch or data-parallel rank it lands on."""
+        if len(generators) != loss_mask.shape[0]:
+            raise ValueError(f"{len(generators)} generators for a batch of {loss_mask.shape[0]} rows")
+        rows = [self._row(loss_mask[i : i + 1], g) for i, g in enumerate(generators)]
+        return torch.cat([m for m, _ in rows]), torch.cat([p for _, p in rows])
+
+    def _row(self, loss_mask: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         maskable = loss_mask > 0
         if self.kind is MaskingKind.full:
             masked, p = maskable.clone(), torch.ones(loss_mask.shape, dtype=torch.float32)

@@ -51,8 +51,9 @@ class ModelInputs:
     labels: torch.Tensor  # [B, S]
     mask_mod: MaskMod  # the attention predicate over S (True = may attend)
     terms: dict[str, LossTerm] = field(default_factory=dict)
-    # Diffusion bookkeeping for metrics: which positions were masked, and their CE (unweighted).
+    # Diffusion bookkeeping for metrics: the masked positions, and how many tokens could be masked.
     masked: torch.Tensor | None = None  # [B, S] bool
+    maskable: torch.Tensor | None = None  # scalar
 
 
 @dataclass
@@ -94,7 +95,7 @@ class CausalLM:
     def __init__(self, ar_weight: float = 1.0):
         self.ar_weight = ar_weight
 
-    def prepare(self, batch: Batch, generator: torch.Generator) -> ModelInputs:
+    def prepare(self, batch: Batch, generators: list[torch.Generator]) -> ModelInputs:
         return ModelInputs(
             tokens=batch.tokens,
             position_ids=batch.position_ids,
@@ -128,9 +129,10 @@ class BlockDiffusion:
         """Loss terms on the clean half (none: it carries no loss here)."""
         return {}
 
-    def prepare(self, batch: Batch, generator: torch.Generator) -> ModelInputs:
+    def prepare(self, batch: Batch, generators: list[torch.Generator]) -> ModelInputs:
+        """``generators``: one per row of the batch, the only source of the mask's randomness."""
         tokens, L = batch.tokens, batch.tokens.shape[1]
-        masked, p = self.masking(batch.loss_mask, generator)
+        masked, p = self.masking(batch.loss_mask, generators)
         masked, p = masked.to(tokens.device), p.to(tokens.device)
         noisy = torch.where(masked, torch.full_like(tokens, self.mask_token_id), tokens)
         no_loss = torch.zeros_like(batch.loss_mask, dtype=torch.float32)
@@ -147,6 +149,7 @@ class BlockDiffusion:
             ),
             terms=terms,
             masked=torch.cat([masked, torch.zeros_like(masked)], dim=1),
+            maskable=(batch.loss_mask > 0).sum(),
         )
 
 

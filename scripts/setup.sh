@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create (or refresh) .venv with Tandem and its CPU dependencies; safe to run again.
+# torch goes in first: on a CPU machine the 2.13.0 CPU wheel; where torch is already installed (a GPU
+# cluster's CUDA build in a venv made with --system-site-packages), it is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  "${PIP[@]}" "torch==2.13.0"
+fi
+"${PIP[@]}" -e ".[dev,corpora,hf]"
+echo "Tandem is installed in .venv ($(.venv/bin/python -c 'import torch, megatron.core as m; print("torch", torch.__version__, "| megatron-core", m.__version__)'))"

@@ -1,0 +1,490 @@
+"""The training run: build everything from a TrainConfig, then step, evaluate, checkpoint, repeat.
+
+``run(cfg)`` reads top to bottom: process groups, data, model chunks wrapped in megatron DDP, the
+megatron optimizer, resume, then the loop on megatron.core's ``get_forward_backward_func`` schedule.
+Loss normalisation is per token over the global batch (megatron's ``calculate_per_token_loss``): each
+micro-batch returns its weighted CE sum and supervised-token count, and megatron divides the summed
+gradients by the count summed over micro-batches and data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from omegaconf import OmegaConf
+
+from data.dataset import build_datasets, check_data, collate
+from data.tokenizer import load_tokenizer_info
+from kernels import flex, masks
+from model.attention import attention_inputs
+from model.config import AttentionBackend, ConfigError, Dtype
+from model.megatron import TORCH_DTYPES, backend_notice, build_model
+from train import checkpoint as ckpt
+from train.config import TrainConfig, to_yaml
+from train.distributed import World, init_distributed, shutdown
+from train.flops import block_diffusion_pairs, causal_pairs, gpu_peak_flops, training_flops_per_sample
+from train.logger import MetricsLogger
+from train.masking import mask_seed
+from train.objectives import CausalLM, ModelInputs, build_objective, reduce
+from train.schedule import lr_at
+
+log = logging.getLogger("tandem")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint_dir: Path
+    step: int
+    preempted: bool = False
+    train_losses: list[float] = field(default_factory=list)
+    last_validation: dict[str, float] = field(default_factory=dict)
+
+
+class _Signals:
+    """SIGTERM / SIGUSR1 (SLURM preemption, walltime) ask for a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int64, device=_comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _comm_device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, world: World):
+        self.cfg = cfg
+        self.world = world
+        self.run_dir = Path(cfg.run_dir)
+        self.checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.dtype = TORCH_DTYPES[cfg.precision.dtype]
+        self.tokenizer = load_tokenizer_info(cfg.data.tokenizer)
+        mask_id = (
+            cfg.objective.mask_token_id if cfg.objective.mask_token_id is not None else self.tokenizer.mask_id
+        )
+        check_data(cfg.data, cfg.model.vocab_size, mask_id)
+        self.objective = build_objective(cfg.objective, mask_id)
+        self.backend = cfg.model.attention_backend
+        if self.backend is AttentionBackend.auto:
+            self.backend = AttentionBackend.flex if torch.cuda.is_available() else AttentionBackend.sdpa
+        if self.backend is AttentionBackend.flex and not torch.cuda.is_available():
+            raise ConfigError(
+                "model.attention_backend=flex cannot train on CPU (flex attention has no CPU backward); "
+                "use model.attention_backend=sdpa or auto"
+            )
+        self.models = self._build_models()
+        self.optimizer = self._build_optimizer()
+        self.state = ckpt.TrainState()
+        L = cfg.data.seq_length
+        if isinstance(self.objective, CausalLM):
+            tokens, pairs = L, causal_pairs(L)
+        else:
+            tokens = 2 * L
+            pairs = block_diffusion_pairs(L, cfg.objective.block_size, cfg.objective.clean_attention)
+        self.model_tokens = tokens
+        self.flops_per_sample = training_flops_per_sample(cfg.model, tokens, pairs, cfg.parallel.recompute)
+
+    # ---- construction -------------------------------------------------------------------------
+
+    def _build_models(self) -> list:
+        cfg = self.cfg
+        chunks = []
+        for vp_stage in range(cfg.parallel.virtual_pipeline or 1):
+            model = build_model(
+                cfg.model,
+                cfg.parallel,
+                cfg.precision,
+                vp_stage=vp_stage if cfg.parallel.virtual_pipeline else None,
+            )
+            model.config.calculate_per_token_loss = True
+            chunks.append(model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            overlap_param_gather=cfg.parallel.overlap_param_gather,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+            check_for_nan_in_grad=True,
+        )
+        wrapped = [
+            DistributedDataParallel(chunk.config, ddp_config, module=chunk, disable_bucketing=(i > 0))
+            for i, chunk in enumerate(chunks)
+        ]
+        config = chunks[0].config
+        config.finalize_model_grads_func = finalize_model_grads
+        if cfg.parallel.overlap_grad_reduce:
+            no_sync = [w.no_sync for w in wrapped]
+            config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+            grad_sync = [w.start_grad_sync for w in wrapped]
+            config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+        return wrapped
+
+    def _build_optimizer(self):
+        cfg = self.cfg
+        optim = cfg.optim
+        return get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=optim.lr,
+                min_lr=optim.min_lr,
+                weight_decay=optim.weight_decay,
+                adam_beta1=optim.beta1,
+                adam_beta2=optim.beta2,
+                adam_eps=optim.adam_eps,
+                clip_grad=optim.clip_grad,
+                bf16=cfg.precision.dtype is Dtype.bf16,
+                fp16=cfg.precision.dtype is Dtype.fp16,
+                params_dtype=self.dtype,
+                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+                overlap_param_gather=cfg.parallel.overlap_param_gather,
+            ),
+            self.models,
+        )
+
+    @property
+    def modules(self) -> list:
+        """The unwrapped GPTModel chunks (what checkpoints hold)."""
+        return [m.module for m in self.models]
+
+    # ---- resume -----------------------------------------------------------------------------
+
+    def resume(self) -> Path | None:
+        """Continue from this run's own checkpoints, else start from checkpoint.load (weights only when
+        checkpoint.finetune). Returns the folder loaded, if any."""
+        found = ckpt.load(self.checkpoint_dir, self.modules, self.optimizer)
+        if found is not None:
+            self.state, folder = found
+            return folder
+        source = self.cfg.checkpoint.load
+        if source is None:
+            return None
+        source_path = Path(source)
+        root = source_path.parent if (source_path / ckpt.MANIFEST).is_file() else source_path
+        found = ckpt.load(root, self.modules, self.optimizer, weights_only=self.cfg.checkpoint.finetune)
+        if found is None:
+            raise FileNotFoundError(
+                f"checkpoint.load={source} holds no usable checkpoint (expected iter_*/ folders with "
+                f"{ckpt.MANIFEST}, as written by the trainer or scripts/import_hf.py)"
+            )
+        if not self.cfg.checkpoint.finetune:
+            self.state = found[0]
+        return found[1]
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def _attention(self, inputs: ModelInputs):
+        S, batch = inputs.tokens.shape[1], inputs.tokens.shape[0]
+        data_dependent = masks.cache_key(inputs.mask_mod) is None
+        if self.backend is AttentionBackend.flex:
+            mask = flex.block_mask(
+                inputs.mask_mod, S, S, batch_size=batch if data_dependent else None, device=self.world.device
+            )
+        else:
+            mask = masks.dense(
+                inputs.mask_mod, S, S, batch_size=batch if data_dependent else 1, device=self.world.device
+            )
+        return attention_inputs(self.cfg.model, inputs.position_ids, mask, self.dtype)
+
+    def _forward_step(self, split: str, step: int, data_iterator, model):
+        micro_index, (batch, sample_ids) = next(data_iterator)
+        generators = [torch.Generator().manual_seed(mask_seed(self.cfg.seed, split, i)) for i in sample_ids]
+        inputs = self.objective.prepare(batch, generators)
+        device = self.world.device
+        tokens = inputs.tokens.to(device)
+        labels = inputs.labels.to(device)
+        output = model(
+            tokens,
+            inputs.position_ids.to(device),
+            None,
+            labels=labels,
+            packed_seq_params=self._attention(inputs),
+        )
+        return output, partial(self._loss, split, step, micro_index, sample_ids, inputs)
+
+    def _loss(self, split, step, micro_index, sample_ids, inputs: ModelInputs, per_token_ce: torch.Tensor):
+        reduced = reduce(per_token_ce, _to(inputs, per_token_ce.device))
+        if not torch.isfinite(reduced.loss_sum):
+            raise FloatingPointError(
+                f"non-finite {split} loss ({reduced.loss_sum.item()}) at step {step}, "
+                f"micro-batch {micro_index} (samples {sample_ids[0]}..{sample_ids[-1]}, rank "
+                f"{self.world.rank}); lower optim.lr or check the data of these samples"
+            )
+        metrics = {"loss_sum": reduced.loss_sum.detach().clone(), "num_tokens": reduced.num_tokens.float()}
+        for name in reduced.sums:
+            metrics[f"{name}_sum"] = reduced.sums[name]
+            metrics[f"{name}_count"] = reduced.counts[name].float()
+        if reduced.masked_ce_sum is not None:
+            metrics["masked_ce_sum"] = reduced.masked_ce_sum
+            metrics["maskable_count"] = inputs.maskable.float()
+        return reduced.loss_sum, reduced.num_tokens.to(torch.int), metrics
+
+    def _run_batches(self, split: str, step: int, batches: list, forward_only: bool) -> dict[str, float]:
+        """``batches``: this rank's micro-batches, each (Batch, global sample ids)."""
+        iterators = [iter(list(enumerate(batches))) for _ in self.models]
+        outputs = get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, split, step),
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.models,
+            num_microbatches=len(batches),
+            seq_length=self.model_tokens,
+            micro_batch_size=self.cfg.micro_batch_size,
+            forward_only=forward_only,
+        )
+        return self._aggregate(outputs)
+
+    def _aggregate(self, outputs: list[dict]) -> dict[str, float]:
+        """Sum per-micro-batch metrics over micro-batches and data-parallel ranks, on every rank."""
+        keys = sorted({k for o in outputs for k in o}) if outputs else []
+        names = [keys]
+        dist.broadcast_object_list(
+            names,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+        keys = names[0]
+        totals = torch.zeros(len(keys), dtype=torch.float64, device=_comm_device())
+        for output in outputs:
+            for i, key in enumerate(keys):
+                totals[i] += output[key].double().to(totals.device)
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        dist.broadcast(
+            totals,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+        sums = dict(zip(keys, totals.tolist(), strict=True))
+        return summarise(sums)
+
+    def train_step(self, step: int, batches: list) -> dict[str, float]:
+        lr = lr_at(step, self.cfg.optim, self.cfg.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        for model in self.models:
+            model.train()
+            model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        metrics = self._run_batches("train", step, batches, forward_only=False)
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if grad_norm is not None and not torch.isfinite(torch.tensor(grad_norm)):
+            raise FloatingPointError(
+                f"non-finite gradient norm at step {step}; lower optim.lr or check the data"
+            )
+        metrics.update(lr=lr, grad_norm=float(grad_norm or 0.0), skipped=float(not update_successful))
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, valid_dataset) -> dict[str, float]:
+        for model in self.models:
+            model.eval()
+        cfg = self.cfg
+        sampler = BatchSampler(valid_dataset, cfg.global_batch_size, cfg.micro_batch_size, self.world)
+        total: dict[str, float] = {}
+        for it in range(cfg.logging.eval_iters):
+            # The same samples and masks at every evaluation, so validation curves compare like with like.
+            metrics = self._run_batches(
+                "valid", it, sampler.batches(it * cfg.global_batch_size), forward_only=True
+            )
+            for key, value in metrics.items():
+                total[key] = total.get(key, 0.0) + value / cfg.logging.eval_iters
+        return total
+
+
+def summarise(sums: dict[str, float]) -> dict[str, float]:
+    """Per-token losses from summed metrics: the objective, AR CE, diffusion NELBO terms, masked CE."""
+    out = {"loss": sums.get("loss_sum", 0.0) / max(sums.get("num_tokens", 0.0), 1.0)}
+    if sums.get("ar_count"):
+        out["ar_loss"] = sums["ar_sum"] / sums["ar_count"]
+    if sums.get("diffusion_count"):
+        # sum(CE / p) over masked tokens per maskable token: the diffusion NELBO (nats/token).
+        out["diffusion_loss"] = sums["diffusion_sum"] / max(sums.get("maskable_count", 0.0), 1.0)
+        out["masked_ce"] = sums["masked_ce_sum"] / sums["diffusion_count"]
+    return out
+
+
+def _to(inputs: ModelInputs, device: torch.device) -> ModelInputs:
+    if device.type == "cpu":
+        return inputs
+    terms = {k: type(t)(t.weights.to(device), t.scale) for k, t in inputs.terms.items()}
+    masked = inputs.masked.to(device) if inputs.masked is not None else None
+    return ModelInputs(
+        inputs.tokens, inputs.position_ids, inputs.labels, inputs.mask_mod, terms, masked, inputs.maskable
+    )
+
+
+class BatchSampler:
+    """Deterministic global batches: the batch after ``consumed`` samples holds global samples
+    [consumed, consumed + GBS); data-parallel rank r takes its contiguous slice, cut into micro-batches.
+    Resuming at a step replays exactly the samples (and, seeded by sample, the masks) of that step."""
+
+    def __init__(self, dataset, global_batch_size: int, micro_batch_size: int, world: World):
+        self.dataset = dataset
+        self.mbs = micro_batch_size
+        self.per_rank = global_batch_size // world.dp_size
+        self.dp_rank = world.dp_rank
+
+    def batches(self, consumed_samples: int) -> list:
+        start = consumed_samples + self.dp_rank * self.per_rank
+        ids = list(range(start, start + self.per_rank))
+        micro = [ids[k : k + self.mbs] for k in range(0, self.per_rank, self.mbs)]
+        return [(collate([self.dataset[i % len(self.dataset)] for i in chunk]), chunk) for chunk in micro]
+
+
+def _peak_flops(cfg: TrainConfig) -> float | None:
+    if torch.cuda.is_available():
+        from model.config import Fp8Recipe
+
+        return gpu_peak_flops(torch.cuda.get_device_name(), fp8=cfg.precision.fp8 is not Fp8Recipe.none)
+    return measured_matmul_flops()
+
+
+def measured_matmul_flops(size: int = 512, repeats: int = 5) -> float:
+    """This CPU's fp32 matmul rate (FLOP/s), the ceiling MFU is measured against on CPU runs."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def run(cfg: TrainConfig) -> RunResult:
+    """Train as ``cfg`` says; returns where things went and the final figures."""
+    world = init_distributed(cfg)
+    logging.basicConfig(level=logging.INFO if world.is_main else logging.WARNING, format="%(message)s")
+    # megatron.core narrates dataset and checkpoint internals at INFO; keep its warnings only.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    signals = _Signals()
+    try:
+        return _run(cfg, world, signals)
+    finally:
+        signals.restore()
+        shutdown()
+
+
+def _run(cfg: TrainConfig, world: World, signals: _Signals) -> RunResult:
+    run_dir = Path(cfg.run_dir)
+    config_yaml = to_yaml(cfg)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+    dist.barrier()
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, world)
+    resumed = trainer.resume()
+    state = trainer.state
+    valid_batches = cfg.logging.eval_iters * cfg.global_batch_size
+    train_set, valid_set, _ = build_datasets(
+        cfg.data,
+        (cfg.steps * cfg.global_batch_size, max(valid_batches, 1), 1),
+        seed=cfg.seed,
+        tokenizer=trainer.tokenizer,
+    )
+    sampler = BatchSampler(train_set, cfg.global_batch_size, cfg.micro_batch_size, world)
+    logger = MetricsLogger(
+        cfg.logging,
+        run_dir,
+        cfg.steps,
+        state.step,
+        enabled=world.is_main,
+        config_dict=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+    )
+    params = sum(p.numel() for m in trainer.modules for p in m.parameters())
+    logger.message(
+        f"Tandem: {cfg.model.name} model, {params / 1e6:.2f}M parameters on this rank, objective "
+        f"{cfg.objective.kind.value}, world {world.size} (tp {cfg.parallel.tensor}, "
+        f"pp {cfg.parallel.pipeline}, dp {world.dp_size}), run folder {run_dir}"
+        + (f", resumed from {resumed} at step {state.step}" if resumed else "")
+    )
+    logger.message(backend_notice(cfg.model))
+    peak = _peak_flops(cfg)
+    result = RunResult(run_dir=run_dir, checkpoint_dir=trainer.checkpoint_dir, step=state.step)
+
+    def save():
+        folder = ckpt.save(
+            trainer.checkpoint_dir,
+            trainer.modules,
+            trainer.optimizer,
+            state,
+            config_yaml,
+            cfg.checkpoint.keep,
+        )
+        logger.message(f"saved checkpoint {folder}")
+
+    def validate():
+        if cfg.logging.eval_iters > 0 and valid_set is not None:
+            result.last_validation = trainer.evaluate(valid_set)
+            logger.validation(state.step, result.last_validation)
+
+    if cfg.logging.eval_interval and state.step == 0:
+        validate()
+    saved_at = state.step
+    while state.step < cfg.steps:
+        step = state.step
+        start = time.perf_counter()
+        metrics = trainer.train_step(step, sampler.batches(state.consumed_samples))
+        elapsed = time.perf_counter() - start
+        state.step += 1
+        state.consumed_samples += cfg.global_batch_size
+        tokens = cfg.global_batch_size * cfg.data.seq_length
+        achieved = trainer.flops_per_sample * cfg.global_batch_size / elapsed / world.size
+        metrics.update(step_time=elapsed, tokens_per_s=tokens / elapsed, tflops_per_device=achieved / 1e12)
+        if peak:
+            metrics["mfu"] = achieved / peak
+        result.train_losses.append(metrics["loss"])
+        if state.step % cfg.logging.interval == 0 or state.step == cfg.steps:
+            logger.train(state.step, metrics)
+        else:
+            logger.advance(state.step)
+        if cfg.logging.eval_interval and (
+            state.step % cfg.logging.eval_interval == 0 or state.step == cfg.steps
+        ):
+            validate()
+        if signals.any_rank():
+            save()
+            result.preempted = True
+            logger.message(f"stopping at step {state.step} on a signal; resume with the same command")
+            break
+        if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0:
+            save()
+            saved_at = state.step
+    if not result.preempted and saved_at != state.step:
+        save()
+    result.step = state.step
+    logger.close()
+    return result
