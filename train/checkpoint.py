@@ -5,6 +5,7 @@ Layout under the checkpoint folder::
     iter_0000200/      model + optimizer shards, common state, tandem.json manifest, config.yaml
     iter_0000400/
     latest             "iter_0000400", replaced atomically after the folder is complete
+    tokenizer/         a copy of the run's tokenizer, so the folder alone can be exported
 
 A checkpoint is written to ``iter_N.tmp`` and renamed when every rank has finished and the manifest
 (files and sizes) is in place; ``latest`` is replaced after that. Loading tries ``latest``, then older
@@ -32,6 +33,7 @@ log = logging.getLogger("tandem.checkpoint")
 
 MANIFEST = "tandem.json"
 LATEST = "latest"
+TOKENIZER = "tokenizer"
 
 
 @dataclass
@@ -105,20 +107,36 @@ def _in_process_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save(root: Path, models: list, optimizer, state: TrainState, config_yaml: str, keep: int = 0) -> Path:
-    """Save ``models`` (megatron chunks), ``optimizer`` and ``state`` under ``root``; collective."""
+def save(
+    root: Path,
+    models: list,
+    optimizer,
+    state: TrainState,
+    config_yaml: str,
+    keep: int = 0,
+    tokenizer: Path | None = None,
+) -> Path:
+    """Save ``models`` (megatron chunks), ``optimizer`` (None: weights only, e.g. an imported model) and
+    ``state`` under ``root``; collective. ``tokenizer`` is copied once to ``root/tokenizer``, so that a
+    checkpoint folder is all an export needs."""
     _in_process_results_queue()
     rank0 = dist.get_rank() == 0
     final, tmp = _folder(root, state.step), _folder(root, state.step).with_suffix(".tmp")
     if rank0:
         root.mkdir(parents=True, exist_ok=True)
+        if tokenizer is not None and not (root / TOKENIZER).is_dir():
+            staged = root / (TOKENIZER + ".tmp")
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.copytree(tokenizer, staged)
+            os.replace(staged, root / TOKENIZER)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
     state.layout = _layout()
     model_sd = _model_sharded(models)
     sharded = dict(model_sd)
-    sharded["optimizer"] = optimizer.sharded_state_dict(model_sd)
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd)
     sharded["rng_state"] = _rng_object()
     sharded["train_state"] = asdict(state)
     dist_checkpointing.save(sharded, str(tmp))
@@ -188,13 +206,16 @@ def _all_ok(ok: bool) -> bool:
     return flag.item() == 0
 
 
-def load(root: Path, models: list, optimizer, weights_only: bool = False) -> tuple[TrainState, Path] | None:
-    """Load the newest good checkpoint under ``root`` into ``models`` (and ``optimizer``); collective.
+def load(
+    root: Path, models: list, optimizer, weights_only: bool = False, only: Path | None = None
+) -> tuple[TrainState, Path] | None:
+    """Load the newest good checkpoint under ``root`` (or just the folder ``only``) into ``models``
+    (and ``optimizer``); collective.
 
-    Returns (state, folder), or None when ``root`` holds no usable checkpoint. ``weights_only`` loads
-    the model alone (fine-tuning from another run or an imported model) and returns a fresh state."""
+    Returns (state, folder), or None when no usable checkpoint is there. ``weights_only`` loads the
+    model alone (fine-tuning from another run or an imported model) and returns a fresh state."""
     tried: list[str] = []
-    remaining = candidates(root) if dist.get_rank() == 0 else []
+    remaining = ([only] if only is not None else candidates(root)) if dist.get_rank() == 0 else []
     while True:
         folder = None
         if dist.get_rank() == 0:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -107,3 +109,24 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def single_process() -> Iterator[None]:
+    """megatron.core's process groups for one process (TP = PP = 1), for conversion tools; reuses a
+    group that already exists."""
+    owned = not dist.is_initialized()
+    if not torch.cuda.is_available():
+        cpu.enable()
+    if owned:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    initialized_here = not parallel_state.model_parallel_is_initialized()
+    if initialized_here:
+        parallel_state.initialize_model_parallel(1, 1)
+    try:
+        yield
+    finally:
+        if initialized_here:
+            parallel_state.destroy_model_parallel()
+        if owned:
+            dist.destroy_process_group()

@@ -443,6 +443,7 @@ def _run(cfg: TrainConfig, world: World, signals: _Signals) -> RunResult:
             state,
             config_yaml,
             cfg.checkpoint.keep,
+            tokenizer=Path(trainer.tokenizer.path),
         )
         logger.message(f"saved checkpoint {folder}")
 

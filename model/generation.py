@@ -1,0 +1,92 @@
+"""Loading an NLD-format export and decoding prompts with it, for the CLI, the benchmark and the quickstart.
+
+The decoding itself lives in the export's remote code (``model/hf``); this module checks the folder,
+encodes prompts the way the training data looked (documents follow an end-of-document token), and
+times one call per mode.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.hf_config import ARCHITECTURE, MODEL_TYPE
+
+# Mode name -> the export's entry point.
+MODES = {"ar": "ar_generate", "diffusion": "generate", "self_spec": "linear_spec_generate"}
+
+
+@dataclass
+class Generation:
+    mode: str
+    text: str
+    ids: list[int]  # generated ids (prompt excluded)
+    nfe: int
+    seconds: float
+    passes: dict[str, int] = field(default_factory=dict)
+    accepted: list[int] = field(default_factory=list)
+
+    @property
+    def tpf(self) -> float:
+        return len(self.ids) / max(self.nfe, 1)
+
+    def as_json(self) -> dict:
+        return {
+            "mode": self.mode,
+            "text": self.text,
+            "ids": self.ids,
+            "nfe": self.nfe,
+            "tpf": self.tpf,
+            "seconds": self.seconds,
+            "passes": self.passes,
+            "accepted": self.accepted,
+        }
+
+
+def load_export(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer) of a Tandem/NLD export folder, offline; a clear error for anything else."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; give a folder written by scripts/export_hf.py")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != MODEL_TYPE or ARCHITECTURE not in config.get("architectures", []):
+        raise ValueError(
+            f"{folder} is not a Nemotron-Labs-Diffusion export (model_type={config.get('model_type')!r}, "
+            f"architectures={config.get('architectures')}); export a Tandem checkpoint with "
+            "scripts/export_hf.py"
+        )
+    model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True)
+    return model.to(device).eval(), tokenizer
+
+
+def encode_prompt(tokenizer, prompt: str) -> torch.Tensor:
+    ids = tokenizer(prompt)["input_ids"]
+    start = tokenizer.bos_token_id
+    if start is not None and (not ids or ids[0] != start):
+        ids = [start, *ids]
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def decode(
+    model, tokenizer, prompt_ids: torch.Tensor, mode: str, max_new_tokens: int, **options
+) -> Generation:
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} does not exist; choose one of {', '.join(MODES)}")
+    start = time.perf_counter()
+    out, nfe = getattr(model, MODES[mode])(prompt_ids, max_new_tokens=max_new_tokens, **options)
+    seconds = time.perf_counter() - start
+    new = out[0, prompt_ids.shape[1] :].tolist()
+    details = model.last_decoded
+    return Generation(
+        mode, tokenizer.decode(new), new, nfe, seconds, dict(details.passes), list(details.accepted)
+    )

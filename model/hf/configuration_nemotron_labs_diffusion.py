@@ -1,0 +1,60 @@
+"""Configuration of a Tandem export in the Nemotron-Labs-Diffusion (NLD) format (Tandem's own code).
+
+The field names follow the published NLD config (``mask_token_id``, ``block_size``, ``dlm_paradigm``,
+``dlm_loss_weight``, ``ar_loss_weight``, ``rope_parameters``, GQA fields, an untied head); Tandem adds
+``qk_layernorm`` (Qwen3-style models) and ``clean_attention`` (how the clean half of the training
+sequence attends to itself: "causal" as in NLD, or "block_causal" as in BD3-LM).
+"""
+
+from transformers import PretrainedConfig
+
+DLM_PARADIGMS = ("bidirectional", "autoregressive", "block_diff")
+
+
+class NemotronLabsDiffusionConfig(PretrainedConfig):
+    model_type = "nemotron_labs_diffusion"
+
+    def __init__(
+        self,
+        vocab_size: int = 131072,
+        hidden_size: int = 4096,
+        intermediate_size: int = 14336,
+        num_hidden_layers: int = 34,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int = 8,
+        head_dim: int | None = 128,
+        max_position_embeddings: int = 262144,
+        rms_norm_eps: float = 1e-5,
+        rope_parameters: dict | None = None,
+        qk_layernorm: bool = False,
+        mask_token_id: int = 100,
+        block_size: int = 32,
+        dlm_paradigm: str = "bidirectional",
+        clean_attention: str = "causal",
+        dlm_loss_weight: float | None = 0.3,
+        ar_loss_weight: float = 1.0,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        if dlm_paradigm not in DLM_PARADIGMS:
+            raise ValueError(f"dlm_paradigm={dlm_paradigm!r}; allowed: {', '.join(DLM_PARADIGMS)}")
+        if clean_attention not in ("causal", "block_causal"):
+            raise ValueError(f"clean_attention={clean_attention!r}; allowed: causal, block_causal")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+        self.qk_layernorm = qk_layernorm
+        self.mask_token_id = mask_token_id
+        self.block_size = block_size
+        self.dlm_paradigm = dlm_paradigm
+        self.clean_attention = clean_attention
+        self.dlm_loss_weight = dlm_loss_weight
+        self.ar_loss_weight = ar_loss_weight
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -1,0 +1,392 @@
+"""A Tandem export in the Nemotron-Labs-Diffusion (NLD) format: the model and its three decoding modes.
+
+Tandem's own implementation of the published interface: ``AutoModel.from_pretrained(dir,
+trust_remote_code=True)`` gives ``NemotronLabsDiffusionModel`` with weights ``encoder.*`` (a
+Llama/Mistral-style decoder: RMSNorm, GQA attention with RoPE, SwiGLU) and an untied
+``diffusion_head``, and the entry points
+
+- ``ar_generate``: autoregressive decoding with a KV cache;
+- ``generate``: block diffusion (``block_length``, ``threshold``, ``steps``, ``temperature``);
+- ``linear_spec_generate``: self-speculation, diffusion drafts verified by the same model's AR pass;
+
+each returning ``(ids, nfe)``: prompt plus generated ids, and the number of forward passes.
+``forward`` also takes the NLD training call (``labels``, ``masked_indices``, ``p_mask`` with
+``dlm_paradigm="block_diff"``) and returns the joint loss Tandem's trainer computes. Attention masks
+come from ``tandem_masks`` and rotary tables from ``tandem_rope``, byte-for-byte the modules Tandem
+trains with.
+
+Legend: B batch, S sequence, T keys (cache + sequence), N heads, G key/value groups, H head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+# `from .module import names` is the form transformers recognises to copy sibling files of remote code.
+from .configuration_nemotron_labs_diffusion import NemotronLabsDiffusionConfig
+from .tandem_decoding import (
+    AutoregressiveDecoder,
+    BlockDiffusionDecoder,
+    Decoded,
+    KVCache,
+    SelfSpeculativeDecoder,
+)
+from .tandem_masks import CleanAttention, bidirectional, block_diffusion, causal, dense, shifted
+from .tandem_rope import cos_sin, inverse_frequencies, query_scale, rotate
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+@dataclass
+class Rotary:
+    cos: torch.Tensor  # [B, 1, S, H]
+    sin: torch.Tensor  # [B, 1, S, H]
+    query_scale: torch.Tensor | None  # [B, 1, S, 1]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: NemotronLabsDiffusionConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.heads, self.groups, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.groups * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.groups * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
+        if config.qk_layernorm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, rotary: Rotary, mask: torch.Tensor, cache: KVCache | None, write: bool):
+        B, S, _ = x.shape
+        q_BNSH = self.q_proj(x).view(B, S, self.heads, self.head_dim)
+        k_BGSH = self.k_proj(x).view(B, S, self.groups, self.head_dim)
+        v_BGSH = self.v_proj(x).view(B, S, self.groups, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q_BNSH, k_BGSH = self.q_norm(q_BNSH), self.k_norm(k_BGSH)
+        q_BNSH = rotate(q_BNSH.transpose(1, 2), rotary.cos, rotary.sin)
+        k_BGSH = rotate(k_BGSH.transpose(1, 2), rotary.cos, rotary.sin)
+        if rotary.query_scale is not None:
+            q_BNSH = q_BNSH * rotary.query_scale
+        if cache is not None:
+            k_BGSH, v_BGSH = cache.attend(self.layer, k_BGSH, v_BGSH, write)
+        repeat = self.heads // self.groups
+        k_BNTH = k_BGSH.repeat_interleave(repeat, dim=1)
+        v_BNTH = v_BGSH.repeat_interleave(repeat, dim=1)
+        out_BNSH = F.scaled_dot_product_attention(q_BNSH, k_BNTH, v_BNTH, attn_mask=mask)
+        return self.o_proj(out_BNSH.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: NemotronLabsDiffusionConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: NemotronLabsDiffusionConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rotary, mask, cache, write):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, mask, cache, write)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: NemotronLabsDiffusionConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rotary:
+        params = self.config.rope_parameters
+        inv_freq, attention_factor = inverse_frequencies(self.config.head_dim, params)
+        cos, sin = cos_sin(position_ids, inv_freq, attention_factor, dtype)
+        scale = None
+        if params.get("llama_4_scaling_beta") is not None:
+            scale = query_scale(
+                position_ids, params["llama_4_scaling_beta"], params["original_max_position_embeddings"]
+            ).to(dtype)
+        return Rotary(cos, sin, scale)
+
+    def forward(self, input_ids, position_ids, mask, cache: KVCache | None = None, write: bool = False):
+        x = self.embed_tokens(input_ids)
+        rotary = self.rotary(position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, rotary, mask, cache, write)
+        return self.norm(x)
+
+
+@dataclass
+class NemotronLabsDiffusionOutput(ModelOutput):
+    loss: torch.Tensor | None = None  # the joint loss, (ar_w * sum AR CE + dlm_w * sum CE/p) / tokens
+    logits: torch.Tensor | None = None  # [B, S, V]; the noisy (diffusion) half in block_diff training
+    causal_logits: torch.Tensor | None = None  # [B, L, V]; the clean (AR) half in block_diff training
+    loss_sum: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
+
+
+class NemotronLabsDiffusionModel(PreTrainedModel):
+    config_class = NemotronLabsDiffusionConfig
+    base_model_prefix = "encoder"
+    _no_split_modules = ("DecoderLayer",)
+
+    def __init__(self, config: NemotronLabsDiffusionConfig):
+        super().__init__(config)
+        self.encoder = Encoder(config)
+        self.diffusion_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def _logits(self, input_ids, position_ids, mask, cache=None, write=False):
+        return self.diffusion_head(self.encoder(input_ids, position_ids, mask, cache, write))
+
+    def _paradigm_mask(self, paradigm: str, length: int, device) -> torch.Tensor:
+        if paradigm == "autoregressive":
+            return dense(causal(), length, length, device=device)
+        if paradigm == "bidirectional":
+            return dense(bidirectional(), length, length, device=device)
+        half = length // 2
+        return dense(self._training_mask(half), length, length, device=device)
+
+    def _training_mask(self, seq_len: int):
+        clean = CleanAttention(self.config.clean_attention)
+        return block_diffusion(seq_len, self.config.block_size, clean)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        masked_indices: torch.BoolTensor | None = None,
+        p_mask: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        ar_labels: torch.LongTensor | None = None,
+        skip_loss: bool = False,
+        dlm_paradigm: str | None = None,
+        **kwargs,
+    ) -> NemotronLabsDiffusionOutput:
+        """Logits of ``input_ids`` [B, S].
+
+        ``attention_mask``: a boolean [B|1, 1, S, S] mask (True = may attend) overrides the paradigm;
+        a 2-D padding mask is not supported (decode one sequence at a time).
+        Without labels the paradigm (``dlm_paradigm`` or the config's) picks the mask: "autoregressive"
+        (causal), "bidirectional", or "block_diff" (``input_ids`` is ``[x_t ; x_0]``).
+        With ``labels`` and "block_diff": NLD's training call. ``input_ids`` is the clean sequence x_0;
+        ``masked_indices`` [B, L] and ``p_mask`` [B, L] (or per row [B, 1]) give the noise (sampled here
+        when absent); the model runs ``[x_t ; x_0]`` once and returns the joint loss. The AR part
+        predicts ``labels[:, 1:]`` from positions 0..L-2 (NLD); pass ``ar_labels`` [B, L] (the next token
+        at every position, Megatron's convention) to score all L positions as Tandem's trainer does.
+        """
+        paradigm = dlm_paradigm or self.config.dlm_paradigm
+        if labels is not None and paradigm == "block_diff":
+            return self._joint_forward(
+                input_ids, labels, masked_indices, p_mask, loss_mask, ar_labels, skip_loss
+            )
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+            if paradigm == "block_diff" and attention_mask is None:
+                position_ids = torch.arange(S // 2, device=input_ids.device).repeat(2).expand(B, S)
+        if attention_mask is None:
+            mask = self._paradigm_mask(paradigm, S, input_ids.device)
+        elif attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+            mask = attention_mask
+        else:
+            raise ValueError(
+                "attention_mask must be a boolean [B, 1, S, S] mask (True = may attend); padded batches "
+                "are not supported: run sequences one at a time"
+            )
+        return NemotronLabsDiffusionOutput(logits=self._logits(input_ids, position_ids, mask))
+
+    def _joint_forward(self, clean, labels, masked_indices, p_mask, loss_mask, ar_labels, skip_loss):
+        B, L = clean.shape
+        device = clean.device
+        if loss_mask is None:
+            loss_mask = torch.ones(B, L, device=device)
+        if masked_indices is None:
+            eps = 1e-3
+            t = torch.rand(B, 1, device=device)
+            p_mask = ((1 - eps) * t + eps).expand(B, L)
+            masked_indices = torch.rand(B, L, device=device) < p_mask
+        masked_indices = masked_indices.bool() & (loss_mask > 0)
+        p_mask = p_mask.expand(B, L) if p_mask.dim() == 2 else p_mask.view(B, 1).expand(B, L)
+        noisy = torch.where(masked_indices, torch.full_like(clean, self.config.mask_token_id), clean)
+        tokens = torch.cat([noisy, clean], dim=1)
+        positions = torch.arange(L, device=device).repeat(2).expand(B, 2 * L)
+        mask = dense(self._training_mask(L), 2 * L, 2 * L, device=device)
+        logits = self._logits(tokens, positions, mask)
+        diffusion_logits, causal_logits = logits[:, :L], logits[:, L:]
+        if skip_loss:
+            return NemotronLabsDiffusionOutput(logits=diffusion_logits, causal_logits=causal_logits)
+        ce = F.cross_entropy(diffusion_logits.float().transpose(1, 2), labels, reduction="none")  # [B, L]
+        diffusion_sum = torch.where(masked_indices, ce / p_mask, torch.zeros_like(ce)).sum()
+        if ar_labels is not None:
+            ar_ce = F.cross_entropy(causal_logits.float().transpose(1, 2), ar_labels, reduction="none")
+            ar_weight = loss_mask
+        else:
+            ar_ce = F.cross_entropy(
+                causal_logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none"
+            )
+            ar_weight = loss_mask[:, 1:]
+        ar_sum = torch.where(ar_weight > 0, ar_ce * ar_weight, torch.zeros_like(ar_ce)).sum()
+        dlm_w = self.config.dlm_loss_weight if self.config.dlm_loss_weight is not None else 0.3
+        loss_sum = self.config.ar_loss_weight * ar_sum + dlm_w * diffusion_sum
+        num_tokens = masked_indices.sum() + (ar_weight > 0).sum()
+        return NemotronLabsDiffusionOutput(
+            loss=loss_sum / num_tokens.clamp(min=1),
+            logits=diffusion_logits,
+            causal_logits=causal_logits,
+            loss_sum=loss_sum,
+            num_tokens=num_tokens,
+        )
+
+    # ---- decoding -------------------------------------------------------------------------------
+
+    def _step(self, ids: torch.Tensor, cache: KVCache, mask_mod, write: bool) -> torch.Tensor:
+        start, S = cache.length, ids.shape[1]
+        device = self.diffusion_head.weight.device
+        ids = ids.to(device)
+        positions = torch.arange(start, start + S, device=device)[None]
+        mask = dense(shifted(mask_mod, start), S, start + S, device=device)
+        return self._logits(ids, positions, mask, cache, write)
+
+    def _decode(
+        self, decoder, prompt_ids, max_new_tokens, temperature, eos_token_id, generator, mask_token_id=None
+    ):
+        prompt = self._check_prompt(prompt_ids, max_new_tokens)
+        eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
+        eos_ids = set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+        mask_id = self.config.mask_token_id if mask_token_id is None else mask_token_id
+        with torch.no_grad():
+            decoded: Decoded = decoder.decode(
+                self._step, prompt, max_new_tokens, mask_id, eos_ids, temperature, generator
+            )
+        ids = torch.tensor([prompt + decoded.tokens], dtype=torch.long, device=prompt_ids.device)
+        self.last_decoded = decoded  # passes by kind and accepted drafts, for benchmarks
+        return ids, decoded.nfe
+
+    def _check_prompt(self, prompt_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+        if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
+            raise ValueError(
+                f"prompt_ids must have shape [1, P] (one prompt at a time); got {tuple(prompt_ids.shape)}"
+            )
+        if prompt_ids.shape[1] == 0:
+            raise ValueError("the prompt is empty: give at least one token (e.g. the BOS/EOS token)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        total = prompt_ids.shape[1] + max_new_tokens + self.config.block_size
+        if total > self.config.max_position_embeddings:
+            raise ValueError(
+                f"a prompt of {prompt_ids.shape[1]} tokens plus {max_new_tokens} new tokens (and one block "
+                "of "
+                f"{self.config.block_size}) exceeds the context of {self.config.max_position_embeddings} "
+                "positions; shorten the prompt or ask for fewer tokens"
+            )
+        return prompt_ids[0].tolist()
+
+    def _check_block(self, block_length: int | None) -> int:
+        block_length = block_length or self.config.block_size
+        if block_length < 2 or block_length > self.config.block_size:
+            raise ValueError(
+                f"block_length={block_length}: this model was trained with blocks of "
+                f"{self.config.block_size} "
+                f"tokens; use a block length between 2 and {self.config.block_size}"
+            )
+        return block_length
+
+    def ar_generate(
+        self,
+        prompt_ids,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        eos_token_id=None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ):
+        """Autoregressive decoding; returns (prompt + generated ids [1, P+N], forward passes)."""
+        return self._decode(
+            AutoregressiveDecoder(), prompt_ids, max_new_tokens, temperature, eos_token_id, generator
+        )
+
+    def generate(
+        self,
+        prompt_ids,
+        max_new_tokens: int = 128,
+        steps: int | None = None,
+        block_length: int | None = None,
+        threshold: float | None = 0.9,
+        temperature: float = 0.0,
+        eos_token_id=None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ):
+        """Block diffusion; ``threshold`` commits confident tokens (None: ``steps`` passes per block)."""
+        decoder = BlockDiffusionDecoder(self._check_block(block_length), threshold=threshold, steps=steps)
+        return self._decode(decoder, prompt_ids, max_new_tokens, temperature, eos_token_id, generator)
+
+    def linear_spec_generate(
+        self,
+        prompt_ids,
+        max_new_tokens: int = 128,
+        block_length: int | None = None,
+        temperature: float = 0.0,
+        mask_token_id: int | None = None,
+        eos_token_id=None,
+        threshold: float = 0.0,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ):
+        """Self-speculation: diffusion drafts a block, the AR pass verifies it (lossless at temperature 0)."""
+        decoder = SelfSpeculativeDecoder(self._check_block(block_length), draft_threshold=threshold)
+        return self._decode(
+            decoder,
+            prompt_ids,
+            max_new_tokens,
+            temperature,
+            eos_token_id,
+            generator,
+            mask_token_id=mask_token_id,
+        )

@@ -1,0 +1,277 @@
+"""The three decoding modes of a joint AR + block-diffusion model, over one KV cache (batch 1).
+
+The model side is one call, ``step(tokens [1, S], cache, mask_mod, write) -> logits [1, S, V]``: the
+tokens sit at positions ``cache.length ..``, attend to the cache and to each other as ``mask_mod``
+(a predicate of ``tandem_masks``) allows, and their keys/values are appended when ``write``. Every
+call is one forward pass and counts in ``nfe``.
+
+- ``AutoregressiveDecoder``: causal prefill, then one token per pass.
+- ``BlockDiffusionDecoder``: each block starts ``[seed, MASK x (B-1)]`` where the seed is the AR
+  token from the previous causal pass; bidirectional passes over cache + block (no cache write)
+  commit masked positions whose confidence reaches ``threshold`` (at least one per pass), then one
+  causal pass appends the finished block and yields the next seed (Nemotron-Labs-Diffusion's
+  ``generate``; Fast-dLLM's threshold rule, Wu et al. 2025, Sec. 3.3).
+- ``SelfSpeculativeDecoder``: one bidirectional draft pass fills the block's masks (no cache
+  write), one causal verify pass scores it; the longest prefix where draft[i+1] == AR[i] is kept,
+  plus the AR token at the first mismatch, and the cache is cropped to the kept tokens. At
+  temperature 0 every emitted token is the AR argmax given the emitted prefix, so the output equals
+  greedy AR decoding; at temperature > 0 exact-match verification keeps the AR distribution.
+
+The mask token is never emitted (its logit is set to -inf before choosing). Imports nothing outside
+torch and its sibling ``tandem_masks`` (copied into the export folder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .tandem_masks import MaskMod, block_decode, causal
+
+
+class KVCache:
+    """Per-layer keys and values [1, G, T, H] of the tokens decoded so far."""
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.keys.values())).shape[2] if self.keys else 0
+
+    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor, write: bool):
+        """Keys/values to attend to: the cached ones, then ``key``/``value``; stored when ``write``."""
+        if layer in self.keys:
+            key = torch.cat([self.keys[layer], key], dim=2)
+            value = torch.cat([self.values[layer], value], dim=2)
+        if write:
+            self.keys[layer], self.values[layer] = key, value
+        return key, value
+
+    def crop(self, length: int) -> None:
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer][:, :, :length]
+            self.values[layer] = self.values[layer][:, :, :length]
+
+
+Step = Callable[[torch.Tensor, KVCache, MaskMod, bool], torch.Tensor]
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]  # generated tokens (prompt excluded), cut at EOS (included) and max_new_tokens
+    nfe: int  # forward passes, every kind counted (prefill, denoise, append, draft, verify)
+    passes: dict[str, int] = field(default_factory=dict)
+    accepted: list[int] = field(default_factory=list)  # self-speculation: drafts kept per iteration
+
+    @property
+    def tpf(self) -> float:
+        return len(self.tokens) / max(self.nfe, 1)
+
+
+def choose(
+    logits: torch.Tensor, mask_id: int, temperature: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token and its probability for each row of ``logits`` [S, V]; never the mask token."""
+    logits = logits.double().clone()
+    logits[:, mask_id] = float("-inf")
+    if temperature > 0:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        probs = torch.softmax(logits, dim=-1)
+        tokens = probs.argmax(dim=-1)
+    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+class _Run:
+    """Book-keeping shared by the decoders: pass counting, EOS and length limits."""
+
+    def __init__(self, step: Step, max_new_tokens: int, eos_token_ids: set[int]):
+        self.step_fn = step
+        self.max_new_tokens = max_new_tokens
+        self.eos = eos_token_ids
+        self.out = Decoded(tokens=[], nfe=0)
+
+    def step(self, kind: str, tokens: list[int] | torch.Tensor, cache: KVCache, mask_mod, write: bool):
+        ids = torch.as_tensor(tokens, dtype=torch.long).view(1, -1)
+        self.out.nfe += 1
+        self.out.passes[kind] = self.out.passes.get(kind, 0) + 1
+        return self.step_fn(ids, cache, mask_mod, write)[0]  # [S, V]
+
+    def emit(self, tokens: list[int]) -> bool:
+        """Append ``tokens``; True when decoding is over (EOS emitted or the budget reached)."""
+        for token in tokens:
+            self.out.tokens.append(int(token))
+            if int(token) in self.eos or len(self.out.tokens) >= self.max_new_tokens:
+                return True
+        return False
+
+
+class AutoregressiveDecoder:
+    def decode(
+        self,
+        step: Step,
+        prompt: list[int],
+        max_new_tokens: int,
+        mask_id: int,
+        eos: set[int],
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Decoded:
+        run, cache = _Run(step, max_new_tokens, eos), KVCache()
+        logits = run.step("prefill", prompt, cache, causal(), write=True)
+        token, _ = choose(logits[-1:], mask_id, temperature, generator)
+        while not run.emit(token.tolist()):
+            logits = run.step("ar", token, cache, causal(), write=True)
+            token, _ = choose(logits[-1:], mask_id, temperature, generator)
+        return run.out
+
+
+class ConfidenceThreshold:
+    """Commit every masked slot whose confidence reaches ``threshold``, and at least the most confident."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def select(self, masked: torch.Tensor, confidence: torch.Tensor, passes_done: int) -> torch.Tensor:
+        confidence = torch.where(masked, confidence, torch.full_like(confidence, -1.0))
+        commit = masked & (confidence >= self.threshold)
+        if not commit.any():
+            commit[confidence.argmax()] = True
+        return commit
+
+
+class EvenSchedule:
+    """Commit the k most confident masked slots, k spreading ``slots`` masks over ``steps`` passes."""
+
+    def __init__(self, steps: int, slots: int):
+        if steps < 1:
+            raise ValueError(f"steps={steps} must be >= 1")
+        self.steps, self.slots = steps, slots
+
+    def select(self, masked: torch.Tensor, confidence: torch.Tensor, passes_done: int) -> torch.Tensor:
+        base, extra = divmod(self.slots, self.steps)
+        k = min(int(masked.sum()), max(base + (1 if passes_done < extra else 0), 1))
+        confidence = torch.where(masked, confidence, torch.full_like(confidence, -1.0))
+        return torch.zeros_like(masked).index_fill_(0, confidence.topk(k).indices, True)
+
+
+def _fill(
+    run: _Run,
+    kind: str,
+    block: torch.Tensor,
+    cache: KVCache,
+    rule,
+    mask_id: int,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Bidirectional passes over cache + block (no cache write) until no slot of ``block`` is masked."""
+    start = cache.length
+    masked = block == mask_id
+    passes = 0
+    while masked.any():
+        logits = run.step(kind, block, cache, block_decode(start), write=False)
+        tokens, confidence = choose(logits, mask_id, temperature, generator)
+        commit = rule.select(masked, confidence, passes)
+        block = torch.where(commit, tokens, block)
+        masked &= ~commit
+        passes += 1
+    return block
+
+
+def _new_block(seed: torch.Tensor, length: int, mask_id: int) -> torch.Tensor:
+    block = torch.full((length,), mask_id, dtype=torch.long)
+    block[0] = seed[0]
+    return block
+
+
+class BlockDiffusionDecoder:
+    def __init__(self, block_length: int, threshold: float | None = 0.9, steps: int | None = None):
+        """``threshold``: confidence-threshold commits; None -> ``steps`` passes per block instead."""
+        if block_length < 2:
+            raise ValueError(f"block_length={block_length} must be >= 2 (the seed plus masked slots)")
+        if threshold is None and steps is None:
+            raise ValueError("give a confidence threshold or a number of steps per block")
+        self.block_length = block_length
+        self.rule = (
+            ConfidenceThreshold(threshold) if threshold is not None else EvenSchedule(steps, block_length - 1)
+        )
+
+    def decode(
+        self,
+        step: Step,
+        prompt: list[int],
+        max_new_tokens: int,
+        mask_id: int,
+        eos: set[int],
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Decoded:
+        run, cache = _Run(step, max_new_tokens, eos), KVCache()
+        logits = run.step("prefill", prompt, cache, causal(), write=True)
+        seed, _ = choose(logits[-1:], mask_id, temperature, generator)
+        while True:
+            block = _fill(
+                run,
+                "denoise",
+                _new_block(seed, self.block_length, mask_id),
+                cache,
+                self.rule,
+                mask_id,
+                temperature,
+                generator,
+            )
+            if run.emit(block.tolist()):
+                return run.out
+            logits = run.step("append", block, cache, causal(), write=True)
+            seed, _ = choose(logits[-1:], mask_id, temperature, generator)
+
+
+class SelfSpeculativeDecoder:
+    def __init__(self, block_length: int, draft_threshold: float = 0.0):
+        """``draft_threshold`` 0 fills every mask in one draft pass; higher values draft iteratively."""
+        if block_length < 2:
+            raise ValueError(f"block_length={block_length} must be >= 2 (the seed plus drafted slots)")
+        self.block_length = block_length
+        self.rule = ConfidenceThreshold(draft_threshold)
+
+    def decode(
+        self,
+        step: Step,
+        prompt: list[int],
+        max_new_tokens: int,
+        mask_id: int,
+        eos: set[int],
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Decoded:
+        run, cache = _Run(step, max_new_tokens, eos), KVCache()
+        logits = run.step("prefill", prompt, cache, causal(), write=True)
+        seed, _ = choose(logits[-1:], mask_id, temperature, generator)
+        if run.emit(seed.tolist()):
+            return run.out
+        while True:
+            start = cache.length
+            block = _fill(
+                run,
+                "draft",
+                _new_block(seed, self.block_length, mask_id),
+                cache,
+                self.rule,
+                mask_id,
+                temperature,
+                generator,
+            )
+            logits = run.step("verify", block, cache, causal(), write=True)
+            ar, _ = choose(logits, mask_id, temperature, generator)  # ar[i] proposes block[i + 1]
+            accepted = int((ar[:-1] == block[1:]).long().cumprod(0).sum())
+            run.out.accepted.append(accepted)
+            cache.crop(start + accepted + 1)  # the seed and the accepted drafts
+            seed = ar[accepted : accepted + 1]
+            if run.emit(ar[: accepted + 1].tolist()):
+                return run.out

@@ -1,0 +1,124 @@
+"""Model configs to and from Hugging Face ``config.json``: Tandem's NLD export, and the causal LMs
+Tandem imports (Llama, Mistral, Ministral-3, Qwen3, and Nemotron-Labs-Diffusion itself)."""
+
+from __future__ import annotations
+
+from model.config import ConfigError, ModelConfig, RopeConfig, RopeType
+
+ARCHITECTURE = "NemotronLabsDiffusionModel"
+MODEL_TYPE = "nemotron_labs_diffusion"
+AUTO_MAP = {
+    "AutoConfig": "configuration_nemotron_labs_diffusion.NemotronLabsDiffusionConfig",
+    "AutoModel": "modeling_nemotron_labs_diffusion.NemotronLabsDiffusionModel",
+}
+# model_type -> what it is; all share the Llama layout (model.* + lm_head) except NLD (encoder.*).
+IMPORTABLE = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "ministral": "Ministral",
+    "ministral3": "Ministral-3",
+    "qwen3": "Qwen3",
+    MODEL_TYPE: "Nemotron-Labs-Diffusion",
+}
+_ROPE_KEYS = (
+    "factor",
+    "original_max_position_embeddings",
+    "low_freq_factor",
+    "high_freq_factor",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "llama_4_scaling_beta",
+)
+
+
+def nld_config(
+    model: ModelConfig,
+    *,
+    mask_token_id: int,
+    block_size: int,
+    clean_attention: str,
+    dlm_loss_weight: float,
+    ar_loss_weight: float,
+    eos_token_id: int | None,
+    bos_token_id: int | None,
+    pad_token_id: int | None,
+    dtype: str,
+) -> dict:
+    """The ``config.json`` of an export."""
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "auto_map": dict(AUTO_MAP),
+        "vocab_size": model.vocab_size,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.query_groups,
+        "head_dim": model.head_dim,
+        "max_position_embeddings": model.max_position_embeddings,
+        "rms_norm_eps": model.norm_epsilon,
+        "rope_parameters": model.rope.to_hf(),
+        "qk_layernorm": model.qk_layernorm,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": model.init_method_std,
+        "mask_token_id": mask_token_id,
+        "block_size": block_size,
+        "dlm_paradigm": "bidirectional",
+        "clean_attention": clean_attention,
+        "dlm_loss_weight": dlm_loss_weight,
+        "ar_loss_weight": ar_loss_weight,
+        "eos_token_id": eos_token_id,
+        "bos_token_id": bos_token_id,
+        "pad_token_id": pad_token_id,
+        "dtype": dtype,
+    }
+
+
+def _rope(hf: dict) -> RopeConfig:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in {t.value for t in RopeType}:
+        raise ConfigError(f"rope_type {kind!r} is not supported (default, llama3, yarn)")
+    values = {k: params[k] for k in _ROPE_KEYS if params.get(k) is not None}
+    if kind == "yarn" and "original_max_position_embeddings" not in values:
+        values["original_max_position_embeddings"] = hf.get("original_max_position_embeddings")
+    return RopeConfig(rope_type=RopeType(kind), rope_theta=float(theta), **values)
+
+
+def model_from_hf(hf: dict, name: str) -> ModelConfig:
+    """A ModelConfig for a Hugging Face ``config.json`` dict of an importable architecture."""
+    model_type = hf.get("model_type")
+    if model_type not in IMPORTABLE:
+        raise ConfigError(
+            f"model_type {model_type!r} cannot be imported; supported: {', '.join(sorted(IMPORTABLE))}"
+        )
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ConfigError(f"{model_type} with linear biases is not supported (Tandem's layers have none)")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"hidden_act={act!r} is not supported (SwiGLU with silu only)")
+    cfg = ModelConfig(
+        name=name,
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        kv_channels=head_dim,
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        norm_epsilon=hf.get("rms_norm_eps", 1e-5),
+        qk_layernorm=model_type == "qwen3" or bool(hf.get("qk_layernorm", False)),
+        rope=_rope(hf),
+        init_method_std=hf.get("initializer_range", 0.02),
+    )
+    cfg.validate()
+    return cfg

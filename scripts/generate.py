@@ -1,0 +1,69 @@
+"""Decode a prompt with an exported model in one of the three modes.
+
+    python scripts/generate.py --model exports/quickstart --mode self_spec --prompt "The river" \
+        --max-new-tokens 64 [--block-length 16] [--threshold 0.9] [--temperature 0] [--json]
+
+Prints the text, or with --json one object with text, ids, nfe, tpf (tokens per forward pass, every
+pass counted) and seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from model.generation import MODES, decode, encode_prompt, load_export
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="a folder written by scripts/export_hf.py")
+    parser.add_argument("--mode", required=True, choices=sorted(MODES))
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--block-length", type=int, help="diffusion / self_spec block (default: the model's)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="diffusion: commit confidence (default 0.9); "
+        "self_spec: draft confidence (default 0: one draft pass)",
+    )
+    parser.add_argument("--steps", type=int, help="diffusion without threshold: passes per block")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    options: dict = {"temperature": args.temperature, "generator": torch.Generator().manual_seed(args.seed)}
+    if args.mode != "ar" and args.block_length is not None:
+        options["block_length"] = args.block_length
+    if args.mode != "ar" and args.threshold is not None:
+        options["threshold"] = args.threshold
+    if args.mode == "diffusion" and args.steps is not None:
+        options["steps"] = args.steps
+        options.setdefault("threshold", None)
+    try:
+        model, tokenizer = load_export(args.model)
+        result = decode(
+            model, tokenizer, encode_prompt(tokenizer, args.prompt), args.mode, args.max_new_tokens, **options
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(
+            json.dumps(
+                {k: v for k, v in result.as_json().items() if k in ("text", "ids", "nfe", "tpf", "seconds")}
+            )
+        )
+    else:
+        print(result.text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

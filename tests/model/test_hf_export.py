@@ -1,0 +1,403 @@
+"""The Hugging Face export: round trips, logits parity with Megatron and with transformers' own classes,
+the NLD training call, and the three decoders against plain full-recompute references."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import LlamaConfig, LlamaForCausalLM, Ministral3Config, Ministral3ForCausalLM
+
+from kernels import masks
+from model import keymap
+from model.attention import attention_inputs
+from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
+from model.generation import decode, encode_prompt, load_export
+from model.megatron import build_model
+from tests.conftest import REPO
+from tests.model.reference_decoding import reference_ar, reference_diffusion, reference_self_speculation
+from train import checkpoint as ckpt
+from train.config import ObjectiveConfig, TrainConfig
+from train.hf import REMOTE_CODE, export_checkpoint, find_checkpoint, import_hf, load_megatron_state
+
+YARN = RopeConfig(
+    rope_type=RopeType.yarn,
+    rope_theta=1e6,
+    factor=16.0,
+    original_max_position_embeddings=32,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+    llama_4_scaling_beta=0.1,
+)
+
+
+def tiny(vocab: int, **overrides) -> ModelConfig:
+    values = dict(
+        name="tiny-test",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=160,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def save_checkpoint(root: Path, model_cfg: ModelConfig, tokenizer: Path, block_size: int, seed: int = 0):
+    """A trainer-format checkpoint of a randomly initialised model; returns the Megatron model."""
+    torch.manual_seed(seed)
+    model = build_model(model_cfg, ParallelConfig(), PrecisionConfig()).eval()
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg.model, cfg.objective = model_cfg, ObjectiveConfig(block_size=block_size, mask_token_id=2)
+    ckpt.save(root, [model], None, ckpt.TrainState(), OmegaConf.to_yaml(cfg), tokenizer=tokenizer)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(megatron_single, demo_data, tmp_path_factory):
+    """(megatron model, its config, export folder) for a random tiny model with the demo tokenizer."""
+    root = tmp_path_factory.mktemp("export")
+    cfg = tiny(4096, qk_layernorm=True)
+    model = save_checkpoint(root / "ckpt", cfg, demo_data / "tokenizer", block_size=8)
+    out = export_checkpoint(root / "ckpt", root / "hf")
+    return model, cfg, out
+
+
+@pytest.fixture(scope="module")
+def hf_model(exported):
+    return load_export(exported[2])
+
+
+def megatron_logits(model, cfg, tokens, positions, mask):
+    with torch.no_grad():
+        out = model(
+            tokens,
+            positions,
+            None,
+            packed_seq_params=attention_inputs(cfg, positions, mask),
+            runtime_gather_output=True,
+        )
+    return out[..., : cfg.vocab_size]
+
+
+def test_export_folder_has_the_nld_format(exported):
+    _, _, out = exported
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["NemotronLabsDiffusionModel"]
+    assert config["model_type"] == "nemotron_labs_diffusion"
+    assert config["auto_map"]["AutoModel"] == "modeling_nemotron_labs_diffusion.NemotronLabsDiffusionModel"
+    assert (config["mask_token_id"], config["block_size"], config["tie_word_embeddings"]) == (2, 8, False)
+    assert config["rope_parameters"]["rope_type"] == "default"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "encoder.embed_tokens.weight" in names and "diffusion_head.weight" in names
+    assert "encoder.layers.1.self_attn.q_norm.weight" in names
+    assert {n.split(".")[0] for n in names} == {"encoder", "diffusion_head"}
+    for name, source in REMOTE_CODE.items():  # the masks and RoPE the model trains with, byte for byte
+        assert (out / name).read_bytes() == source.read_bytes()
+    assert (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("pattern", ["causal", "block_decode", "training"])
+def test_hf_logits_equal_megatron(exported, hf_model, pattern):
+    model, cfg, _ = exported
+    hf, _ = hf_model
+    torch.manual_seed(0)
+    S = 32
+    tokens = torch.randint(3, cfg.vocab_size, (1, S))
+    positions = torch.arange(S)[None]
+    mask_mod = {
+        "causal": masks.causal(),
+        "block_decode": masks.block_decode(24),
+        "training": masks.block_diffusion(16, 8),
+    }[pattern]
+    if pattern == "training":
+        positions = torch.arange(16).repeat(2)[None]
+    mask = masks.dense(mask_mod, S, S)
+    ours = megatron_logits(model, cfg, tokens, positions, mask)
+    with torch.no_grad():
+        theirs = hf(tokens, attention_mask=mask, position_ids=positions).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_nld_training_call_returns_the_trainers_loss(exported, hf_model):
+    from train.objectives import Joint, reduce
+
+    model, cfg, _ = exported
+    hf, _ = hf_model
+    g = torch.Generator().manual_seed(3)
+    seq = torch.randint(3, cfg.vocab_size, (2, 17), generator=g)
+
+    class Batch:
+        tokens, labels = seq[:, :-1], seq[:, 1:]
+        loss_mask = torch.ones(2, 16)
+        position_ids = torch.arange(16).expand(2, 16)
+        document_ids = None
+
+    masked = torch.rand(2, 16, generator=g) < 0.5
+    p = torch.tensor([[0.5], [0.3]]).expand(2, 16)
+
+    class Fixed:
+        def __call__(self, loss_mask, generators):
+            return masked, p
+
+    objective = Joint(Fixed(), mask_token_id=2, block_size=8, diffusion_weight=0.3, ar_weight=1.0)
+    inputs = objective.prepare(Batch, [])
+    S = inputs.tokens.shape[1]
+    with torch.no_grad():
+        per_token = model(
+            inputs.tokens,
+            inputs.position_ids,
+            None,
+            labels=inputs.labels,
+            packed_seq_params=attention_inputs(cfg, inputs.position_ids, masks.dense(inputs.mask_mod, S, S)),
+        )
+    reduced = reduce(per_token, inputs)
+    with torch.no_grad():
+        out = hf(
+            Batch.tokens,
+            labels=Batch.tokens,
+            masked_indices=masked,
+            p_mask=p,
+            ar_labels=Batch.labels,
+            dlm_paradigm="block_diff",
+        )
+    torch.testing.assert_close(out.loss, reduced.loss_sum / reduced.num_tokens, atol=1e-5, rtol=1e-5)
+    assert out.logits.shape == out.causal_logits.shape == (2, 16, cfg.vocab_size)
+
+
+def test_round_trip_megatron_hf_megatron_is_exact(exported, tmp_path):
+    model, _, out = exported
+    back = import_hf(out, tmp_path / "back")
+    original = {k: v for k, v in keymap.to_local_names(model.state_dict()).items()}
+    again = load_megatron_state(find_checkpoint(back))
+    assert original.keys() == again.keys()
+    for name in original:
+        assert torch.equal(original[name], again[name]), name
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [("llama", {}), ("ministral3", {"rope": YARN, "kv_channels": 32})],
+    ids=["llama", "ministral3-yarn"],
+)
+def test_transformers_classes_reproduce_the_export(megatron_single, demo_data, tmp_path, family, overrides):
+    """An external check: the exported encoder, renamed into transformers' own classes, gives the same
+    causal logits as Tandem's remote code."""
+    cfg = tiny(4096, **overrides)
+    save_checkpoint(tmp_path / "ckpt", cfg, demo_data / "tokenizer", block_size=8, seed=1)
+    out = export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
+    ours, _ = load_export(out)
+    from safetensors.torch import load_file
+
+    renamed = {
+        k.replace("encoder.", "model.", 1).replace("diffusion_head.", "lm_head."): v
+        for k, v in load_file(str(out / "model.safetensors")).items()
+    }
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.query_groups,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.norm_epsilon,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters=cfg.rope.to_hf(),
+        tie_word_embeddings=False,
+    )
+    reference = (
+        LlamaForCausalLM(LlamaConfig(**common))
+        if family == "llama"
+        else Ministral3ForCausalLM(Ministral3Config(**common))
+    )
+    reference.load_state_dict(renamed, strict=True)
+    tokens = torch.randint(3, cfg.vocab_size, (1, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference.eval()(input_ids=tokens).logits
+        got = ours(tokens, dlm_paradigm="autoregressive").logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- decoding ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decode_model(exported):
+    model, _ = load_export(exported[2], dtype=torch.float64)  # fp64: no near-tie flips between passes
+    return model
+
+
+PROMPTS = [[0, 17, 250, 31], [0, 900], [0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [0]]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=lambda p: f"len{len(p)}")
+@pytest.mark.parametrize("max_new", [1, 7, 24])
+def test_self_speculation_is_lossless_on_a_random_model(decode_model, prompt, max_new):
+    ids = torch.tensor([prompt])
+    ar, _ = decode_model.ar_generate(ids, max_new_tokens=max_new, eos_token_id=[])
+    for block in (2, 4, 8):
+        spec, _ = decode_model.linear_spec_generate(
+            ids, max_new_tokens=max_new, block_length=block, eos_token_id=[]
+        )
+        assert spec.tolist() == ar.tolist(), block
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:3], ids=lambda p: f"len{len(p)}")
+def test_cached_decoders_equal_full_recompute_references(decode_model, prompt):
+    ids, mask_id, no_eos = torch.tensor([prompt]), 2, set()
+    got = decode_model.ar_generate(ids, max_new_tokens=12, eos_token_id=[])[0][0, len(prompt) :].tolist()
+    assert got == reference_ar(decode_model, prompt, 12, mask_id, no_eos)
+    for block, threshold in ((4, 0.9), (8, 0.0), (8, 0.01)):
+        got = decode_model.generate(
+            ids, max_new_tokens=12, block_length=block, threshold=threshold, eos_token_id=[]
+        )[0][0, len(prompt) :].tolist()
+        assert got == reference_diffusion(decode_model, prompt, 12, mask_id, no_eos, block, threshold), (
+            block,
+            threshold,
+        )
+    for block in (4, 8):
+        got = decode_model.linear_spec_generate(ids, max_new_tokens=12, block_length=block, eos_token_id=[])[
+            0
+        ][0, len(prompt) :].tolist()
+        assert got == reference_self_speculation(decode_model, prompt, 12, mask_id, no_eos, block)
+
+
+def test_tokens_per_forward_counts_every_pass(decode_model):
+    ids = torch.tensor([PROMPTS[0]])
+    _, nfe = decode_model.ar_generate(ids, max_new_tokens=10, eos_token_id=[])
+    assert nfe == 10  # prefill yields the first token
+    _, nfe = decode_model.generate(ids, max_new_tokens=16, block_length=8, threshold=2.0, eos_token_id=[])
+    # threshold > 1 commits one token per pass: 7 denoising passes per block, one append between blocks.
+    assert nfe == 1 + 7 + 1 + 7 and decode_model.last_decoded.passes == {
+        "prefill": 1,
+        "denoise": 14,
+        "append": 1,
+    }
+    _, nfe = decode_model.linear_spec_generate(ids, max_new_tokens=16, block_length=8, eos_token_id=[])
+    details = decode_model.last_decoded
+    assert nfe == 1 + details.passes["draft"] + details.passes["verify"]
+    assert len(details.accepted) == details.passes["verify"]
+
+
+def test_the_mask_token_is_never_emitted(exported, tmp_path):
+    _, _, out = exported
+    model, _ = load_export(out, dtype=torch.float64)
+    with torch.no_grad():
+        model.diffusion_head.weight[2] = (
+            model.diffusion_head.weight.abs().max() * 50 * torch.sign(model.encoder.norm.weight)
+        )  # the mask token now dominates every logit
+    ids = torch.tensor([PROMPTS[0]])
+    for method, kwargs in (
+        ("ar_generate", {}),
+        ("generate", {"threshold": 0.5}),
+        ("linear_spec_generate", {}),
+    ):
+        out_ids, _ = getattr(model, method)(ids, max_new_tokens=20, eos_token_id=[], **kwargs)
+        assert 2 not in out_ids[0, len(PROMPTS[0]) :].tolist(), method
+
+
+def test_eos_stops_every_mode(decode_model):
+    ids = torch.tensor([PROMPTS[1]])
+    for method, kwargs in (
+        ("ar_generate", {}),
+        ("generate", {"block_length": 4}),
+        ("linear_spec_generate", {}),
+    ):
+        full = getattr(decode_model, method)(ids, max_new_tokens=20, eos_token_id=[], **kwargs)[0][
+            0, 2:
+        ].tolist()
+        eos = full[9]  # EOS changes only when decoding stops, not what is decoded before it
+        stop = full.index(eos)
+        out, _ = getattr(decode_model, method)(ids, max_new_tokens=20, eos_token_id=eos, **kwargs)
+        assert out[0, 2:].tolist() == full[: stop + 1], method
+
+
+def test_sampling_is_reproducible_and_never_emits_the_mask(decode_model):
+    ids = torch.tensor([PROMPTS[0]])
+    for method in ("ar_generate", "generate", "linear_spec_generate"):
+        a, _ = getattr(decode_model, method)(
+            ids,
+            max_new_tokens=16,
+            temperature=1.0,
+            eos_token_id=[],
+            generator=torch.Generator().manual_seed(5),
+        )
+        b, _ = getattr(decode_model, method)(
+            ids,
+            max_new_tokens=16,
+            temperature=1.0,
+            eos_token_id=[],
+            generator=torch.Generator().manual_seed(5),
+        )
+        assert a.tolist() == b.tolist() and 2 not in a[0, 4:].tolist(), method
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_generate_cli_json_and_bad_input(exported, demo_data):
+    out = str(exported[2])
+    proc = run_script(
+        "scripts/generate.py",
+        "--model",
+        out,
+        "--mode",
+        "self_spec",
+        "--prompt",
+        "The river",
+        "--max-new-tokens",
+        "9",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result) == {"text", "ids", "nfe", "tpf", "seconds"} and len(result["ids"]) == 9
+    assert result["tpf"] == pytest.approx(9 / result["nfe"])
+    cases = [
+        (["--model", str(demo_data / "tokenizer"), "--mode", "ar", "--prompt", "x"], "no config.json"),
+        (["--model", out, "--mode", "beam", "--prompt", "x"], "invalid choice: 'beam'"),
+        (["--model", out, "--mode", "ar", "--prompt", "word " * 400], "exceeds the context of 256"),
+        (
+            ["--model", out, "--mode", "diffusion", "--prompt", "x", "--block-length", "32"],
+            "trained with blocks of 8",
+        ),
+    ]
+    for args, message in cases:
+        proc = run_script("scripts/generate.py", *args)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-500:])
+
+
+def test_a_folder_that_is_not_an_nld_export_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    )
+    with pytest.raises(ValueError, match="not a Nemotron-Labs-Diffusion export"):
+        load_export(tmp_path)
+
+
+def test_generation_helper_encodes_and_times(exported, hf_model):
+    model, tokenizer = hf_model
+    prompt = encode_prompt(tokenizer, "Hello")
+    assert prompt[0, 0].item() == tokenizer.bos_token_id
+    result = decode(model, tokenizer, prompt, "diffusion", 10, block_length=4, threshold=0.9)
+    assert len(result.ids) == 10 and result.nfe == sum(result.passes.values()) and result.seconds > 0
+    with pytest.raises(ValueError, match="mode 'beam' does not exist"):
+        decode(model, tokenizer, prompt, "beam", 10)

