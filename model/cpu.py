@@ -64,7 +64,11 @@ def _cpu_factory(factory):
 
 
 class _NullStream:
-    """Stands in for a CUDA stream: waiting and synchronising are no-ops on CPU."""
+    """Stands in for a CUDA stream: waiting and synchronising are no-ops on CPU. A class (not a
+    function), because other libraries use ``torch.cuda.Stream`` in type annotations."""
+
+    def __init__(self, *args, **kwargs):
+        pass
 
     def wait_stream(self, *_, **__):
         return None
@@ -108,7 +112,7 @@ def enable() -> bool:
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
     torch.cuda.default_stream = lambda *args, **kwargs: _NullStream()
-    torch.cuda.Stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.Stream = _NullStream
     torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
     torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)

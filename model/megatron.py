@@ -54,6 +54,13 @@ def transformer_engine_available() -> bool:
     return True
 
 
+@functools.cache
+def _apex_wgrad_fusion_available() -> bool:
+    # megatron's own ColumnParallelLinear (the output layer) refuses gradient_accumulation_fusion
+    # without apex's fused_weight_gradient_mlp_cuda, even when Transformer Engine is installed.
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
 def backend_notice(model: ModelConfig) -> str:
     """One line saying which layer implementation and optimizer a run gets, and why."""
     if use_transformer_engine(model):
@@ -143,7 +150,7 @@ def transformer_config(
         # same weights (tested TP=2 == TP=1); on GPU each rank draws its shard from megatron's RNG.
         use_cpu_initialization=not on_gpu,
         # These fusions need apex or Transformer Engine kernels.
-        gradient_accumulation_fusion=te,
+        gradient_accumulation_fusion=te and _apex_wgrad_fusion_available(),
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,

@@ -10,6 +10,7 @@ Both write to a temporary folder and rename it when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -97,10 +98,8 @@ def load_megatron_state(info: CheckpointInfo) -> dict[str, torch.Tensor]:
 
 
 def _local(model: ModelConfig) -> ModelConfig:
-    # Conversion runs on CPU with megatron.core's own layers; dist checkpoints share keys across specs.
-    return OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(model), {"transformer_impl": TransformerImpl.local})
-    )
+    # Conversion runs with megatron.core's own layers; dist checkpoints share keys across specs.
+    return dataclasses.replace(model, transformer_impl=TransformerImpl.local)
 
 
 def _atomic_folder(out: Path, overwrite: bool):
@@ -264,15 +263,13 @@ def import_hf(
         tokenizer.save_pretrained(str(tmp / "tokenizer.staged"))
         with single_process():
             megatron = build_model(_local(model), ParallelConfig(), PrecisionConfig())
-            megatron_names = keymap.to_local_names(megatron.state_dict())
-            missing = set(megatron_names) - set(state)
-            if missing:
-                raise KeyError(f"the converted weights lack {sorted(missing)[:3]}")
-            with torch.no_grad():
-                for name, param in megatron.state_dict().items():
-                    local = keymap.to_local_names({name: param})
-                    if local:
-                        param.copy_(state[next(iter(local))])
+            missing, unexpected = megatron.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.endswith("_extra_state")]
+            if missing or unexpected:
+                raise KeyError(
+                    f"converted weights do not fit the model: missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}"
+                )
             ckpt.save(
                 tmp, [megatron], None, ckpt.TrainState(), config_yaml, tokenizer=tmp / "tokenizer.staged"
             )
@@ -295,7 +292,7 @@ def _check_layout(model: ModelConfig, tp: int, pp: int) -> None:
 def _add_mask_token(tokenizer, model: ModelConfig, state: dict[str, torch.Tensor]):
     tokenizer.add_special_tokens({"mask_token": "<|mask|>"})
     mask_id = tokenizer.mask_token_id
-    grown = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(model), {"vocab_size": mask_id + 1}))
+    grown = dataclasses.replace(model, vocab_size=mask_id + 1)
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         weight = state[name]
         rows = torch.zeros(grown.padded_vocab_size, weight.shape[1], dtype=weight.dtype)

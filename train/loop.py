@@ -26,6 +26,7 @@ from megatron.core.distributed import (
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 from omegaconf import OmegaConf
 
 from data.dataset import build_datasets, check_data, collate
@@ -93,6 +94,16 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.dtype = TORCH_DTYPES[cfg.precision.dtype]
+        if (
+            cfg.checkpoint.load
+            and not Path(cfg.checkpoint.load).exists()
+            and not ckpt.candidates(self.checkpoint_dir)
+        ):
+            # Fail before building a model that may take minutes to materialise.
+            raise FileNotFoundError(
+                f"checkpoint.load={cfg.checkpoint.load} does not exist; import a Hugging Face model with "
+                "scripts/import_hf.py or point it at a run's checkpoints/ folder"
+            )
         self.tokenizer = load_tokenizer_info(cfg.data.tokenizer)
         mask_id = (
             cfg.objective.mask_token_id if cfg.objective.mask_token_id is not None else self.tokenizer.mask_id
@@ -132,6 +143,10 @@ class Trainer:
                 vp_stage=vp_stage if cfg.parallel.virtual_pipeline else None,
             )
             model.config.calculate_per_token_loss = True
+            if cfg.precision.dtype is not Dtype.fp32:
+                # As megatron expects for bf16/fp16: every parameter in the half dtype (norms included),
+                # floating inputs cast on the first stage and outputs back to fp32 on the last.
+                model = Float16Module(model.config, model)
             chunks.append(model)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
@@ -178,17 +193,18 @@ class Trainer:
     @property
     def modules(self) -> list:
         """The unwrapped GPTModel chunks (what checkpoints hold)."""
-        return [m.module for m in self.models]
+        unwrapped = [m.module for m in self.models]
+        return [m.module if isinstance(m, Float16Module) else m for m in unwrapped]
 
     # ---- resume -----------------------------------------------------------------------------
 
-    def resume(self) -> Path | None:
+    def resume(self) -> str | None:
         """Continue from this run's own checkpoints, else start from checkpoint.load (weights only when
-        checkpoint.finetune). Returns the folder loaded, if any."""
+        checkpoint.finetune). Returns what was loaded, for the log."""
         found = ckpt.load(self.checkpoint_dir, self.modules, self.optimizer)
         if found is not None:
             self.state, folder = found
-            return folder
+            return f"resumed from {folder} at step {self.state.step}"
         source = self.cfg.checkpoint.load
         if source is None:
             return None
@@ -202,7 +218,8 @@ class Trainer:
             )
         if not self.cfg.checkpoint.finetune:
             self.state = found[0]
-        return found[1]
+            return f"resumed from {found[1]} at step {self.state.step}"
+        return f"weights from {found[1]} (checkpoint.finetune: fresh optimizer, step 0)"
 
     # ---- one step ---------------------------------------------------------------------------
 
@@ -239,7 +256,7 @@ class Trainer:
         reduced = reduce(per_token_ce, _to(inputs, per_token_ce.device))
         if not torch.isfinite(reduced.loss_sum):
             raise FloatingPointError(
-                f"non-finite {split} loss ({reduced.loss_sum.item()}) at step {step}, "
+                f"non-finite {split} loss ({reduced.loss_sum.item()}) at step {step + 1}, "
                 f"micro-batch {micro_index} (samples {sample_ids[0]}..{sample_ids[-1]}, rank "
                 f"{self.world.rank}); lower optim.lr or check the data of these samples"
             )
@@ -297,11 +314,20 @@ class Trainer:
             model.train()
             model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        metrics = self._run_batches("train", step, batches, forward_only=False)
+        try:
+            metrics = self._run_batches("train", step, batches, forward_only=False)
+        except RuntimeError as err:
+            # megatron's DDP checks the local gradients for NaN/Inf before reducing them.
+            if "NaN" not in str(err) and "Inf" not in str(err):
+                raise
+            raise FloatingPointError(
+                f"non-finite gradients at step {step + 1} (rank {self.world.rank}): {err}; lower optim.lr "
+                "or check the data of this step"
+            ) from err
         update_successful, grad_norm, _ = self.optimizer.step()
         if grad_norm is not None and not torch.isfinite(torch.tensor(grad_norm)):
             raise FloatingPointError(
-                f"non-finite gradient norm at step {step}; lower optim.lr or check the data"
+                f"non-finite gradient norm at step {step + 1}; lower optim.lr or check the data"
             )
         metrics.update(lr=lr, grad_norm=float(grad_norm or 0.0), skipped=float(not update_successful))
         return metrics
@@ -429,7 +455,7 @@ def _run(cfg: TrainConfig, world: World, signals: _Signals) -> RunResult:
         f"Tandem: {cfg.model.name} model, {params / 1e6:.2f}M parameters on this rank, objective "
         f"{cfg.objective.kind.value}, world {world.size} (tp {cfg.parallel.tensor}, "
         f"pp {cfg.parallel.pipeline}, dp {world.dp_size}), run folder {run_dir}"
-        + (f", resumed from {resumed} at step {state.step}" if resumed else "")
+        + (f", {resumed}" if resumed else "")
     )
     logger.message(backend_notice(cfg.model))
     peak = _peak_flops(cfg)

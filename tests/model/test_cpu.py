@@ -114,3 +114,12 @@ def test_megatron_ddp_optimizer_and_schedule_train_on_cpu(megatron_single):
         assert update_successful and grad_norm > 0
         losses.append(out[0]["loss"].item())
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_libraries_imported_after_the_patches_still_import(megatron_single):
+    # transformers evaluates `torch.cuda.Stream | None` in annotations when it imports its generation code.
+    code = (
+        "import torch\nfrom model import cpu\ncpu.enable()\n"
+        "import transformers.generation.utils\nprint(torch.cuda.Stream | None)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True)

@@ -1,9 +1,14 @@
-"""The trainer end to end on CPU: exact resume after SIGTERM, TP/PP/DP on gloo, resharded resume,
-and recovery from a corrupt checkpoint. Each run is a real `python -m train` (or torchrun) process."""
+"""The trainer end to end on CPU: exact resume after SIGTERM, resume at other TP/PP/DP layouts, recovery
+from a corrupt checkpoint, NaN stops, bf16. Each run is a real `python -m train` (or torchrun) process.
+
+One reference run (24 steps, checkpoints every 6) serves as the baseline: with a constant learning rate
+after warmup, a run's trajectory does not depend on its total step count, so a run resumed from the
+reference's step-6 checkpoint in another layout must reproduce the reference's losses."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -13,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, free_port
 
@@ -31,8 +37,10 @@ SMALL = [
     "logging.eval_interval=0",
     "logging.tensorboard=false",
     "optim.warmup_steps=2",
+    "optim.schedule=constant",
     "checkpoint.interval=0",
 ]
+STEPS = 24
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +68,7 @@ def environment(demo: Path) -> dict[str, str]:
     return dict(os.environ, TANDEM_DATA=str(demo), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
-def train(demo: Path, run_dir: Path, *overrides: str, nproc: int = 1) -> subprocess.CompletedProcess:
+def train(demo: Path, run_dir: Path, *overrides: str, nproc: int = 1) -> str:
     proc = subprocess.run(
         command(run_dir, *overrides, nproc=nproc),
         cwd=REPO,
@@ -70,7 +78,7 @@ def train(demo: Path, run_dir: Path, *overrides: str, nproc: int = 1) -> subproc
         timeout=600,
     )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    return proc.stdout + proc.stderr
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -78,14 +86,34 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows if row["split"] == "train"}
 
 
-def test_resume_after_sigterm_is_exact(demo_data, tmp_path):
-    steps = "steps=24"
-    straight = tmp_path / "straight"
-    train(demo_data, straight, steps)
+@pytest.fixture(scope="module")
+def reference(demo_data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    train(demo_data, run_dir, f"steps={STEPS}", "checkpoint.interval=6", "checkpoint.keep=0")
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+    return run_dir
 
+
+def resumable_copy(reference: Path, target: Path, step: int) -> Path:
+    """The reference run folder as it was right after saving at ``step``."""
+    shutil.copytree(reference / "checkpoints", target / "checkpoints")
+    for folder in (target / "checkpoints").glob("iter_*"):
+        if int(folder.name.split("_")[1]) > step:
+            shutil.rmtree(folder)
+    (target / "checkpoints" / "latest").write_text(f"iter_{step:07d}")
+    return target
+
+
+def assert_same_losses(got: dict[int, float], expected: dict[int, float], steps, rel: float) -> None:
+    assert sorted(got) == list(steps), sorted(got)
+    for step in steps:
+        assert got[step] == pytest.approx(expected[step], rel=rel), step
+
+
+def test_resume_after_sigterm_is_exact(demo_data, reference, tmp_path):
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen(
-        command(interrupted, steps),
+        command(interrupted, f"steps={STEPS}"),
         cwd=REPO,
         env=environment(demo_data),
         stdout=subprocess.PIPE,
@@ -101,67 +129,99 @@ def test_resume_after_sigterm_is_exact(demo_data, tmp_path):
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     stopped_at = max(losses(interrupted))
-    assert 3 <= stopped_at < 24, output
+    assert 3 <= stopped_at < STEPS, output
     assert "stopping at step" in output
     assert (interrupted / "checkpoints" / f"iter_{stopped_at:07d}").is_dir()
 
-    resumed = train(demo_data, interrupted, steps)
-    assert "resumed from" in resumed.stdout + resumed.stderr
-    expected, got = losses(straight), losses(interrupted)
-    assert sorted(got) == sorted(expected) == list(range(1, 25))
-    assert got == expected  # identical at every step, fp32 on CPU
+    output = train(demo_data, interrupted, f"steps={STEPS}")
+    assert f"resumed from {interrupted / 'checkpoints' / f'iter_{stopped_at:07d}'}" in output
+    assert losses(interrupted) == losses(reference)  # identical at every step, fp32 on CPU
 
 
-def test_data_parallel_run_matches_single_process(demo_data, tmp_path):
-    run_dir = tmp_path / "dp2"
-    train(demo_data, run_dir, "steps=4", nproc=2)
+def test_tensor_parallel_resumes_both_ways(demo_data, reference, tmp_path):
+    """TP=1 checkpoint -> TP=2 run -> TP=2 checkpoint -> TP=1 run, each matching the reference."""
+    run_dir = resumable_copy(reference, tmp_path / "tp", step=6)
+    train(demo_data, run_dir, "steps=12", "parallel=tp2", "checkpoint.interval=6", nproc=2)
+    assert_same_losses(losses(run_dir), losses(reference), range(7, 13), rel=1e-4)
+    (run_dir / "metrics.jsonl").unlink()
+    output = train(demo_data, run_dir, "steps=14")
+    assert "resumed from" in output and "iter_0000012" in output
+    assert_same_losses(losses(run_dir), losses(reference), range(13, 15), rel=1e-4)
+
+
+def test_pipeline_parallel_resume_matches_the_reference(demo_data, reference, tmp_path):
+    run_dir = resumable_copy(reference, tmp_path / "pp", step=6)
+    train(demo_data, run_dir, "steps=9", "parallel=pp2", nproc=2)
+    assert_same_losses(losses(run_dir), losses(reference), range(7, 10), rel=1e-4)
+
+
+def test_data_parallel_resume_matches_the_reference(demo_data, reference, tmp_path):
+    # The same global batches and per-sample masks: DP=2 matches DP=1 up to the order of reductions.
+    run_dir = resumable_copy(reference, tmp_path / "dp", step=6)
+    train(demo_data, run_dir, "steps=9", nproc=2)
+    assert_same_losses(losses(run_dir), losses(reference), range(7, 10), rel=1e-5)
+
+
+def test_finetune_loads_weights_only(demo_data, reference, tmp_path):
+    run_dir = tmp_path / "finetune"
+    output = train(
+        demo_data,
+        run_dir,
+        "steps=2",
+        f"checkpoint.load={reference / 'checkpoints'}",
+        "checkpoint.finetune=true",
+    )
+    assert "resumed from" not in output and "weights from" in output
     got = losses(run_dir)
-    assert sorted(got) == [1, 2, 3, 4]
-    single = tmp_path / "dp1"
-    train(demo_data, single, "steps=4")
-    # Same global batches and per-sample masks: DP=2 matches DP=1 up to the order of reductions.
-    for step in got:
-        assert got[step] == pytest.approx(losses(single)[step], rel=1e-5)
+    assert sorted(got) == [1, 2]
+    # Weights of step 24, but the data from the start: the loss is far below the reference's step 1.
+    assert got[1] < losses(reference)[1] - 0.5
 
 
-def test_tensor_parallel_checkpoint_resumes_at_tp1_with_the_same_loss(demo_data, tmp_path):
-    tp2 = tmp_path / "tp2"
-    train(demo_data, tp2, "steps=4", "checkpoint.interval=2", "checkpoint.keep=0", "parallel=tp2", nproc=2)
-    resharded = tmp_path / "tp1"
-    shutil.copytree(tp2, resharded)
-    shutil.rmtree(resharded / "checkpoints" / "iter_0000004")
-    (resharded / "checkpoints" / "latest").write_text("iter_0000002")
-    (resharded / "metrics.jsonl").unlink()
-    train(demo_data, resharded, "steps=4")
-    assert sorted(losses(resharded)) == [3, 4]
-    for step in (3, 4):
-        assert losses(resharded)[step] == pytest.approx(losses(tp2)[step], rel=1e-4)
-
-
-def test_pipeline_parallel_finetune_matches_single_process(demo_data, tmp_path):
-    # Random init differs between layouts, so both start from the same weights (finetune mode).
-    start = tmp_path / "start"
-    train(demo_data, start, "steps=1")
-    weights = ["checkpoint.load=" + str(start / "checkpoints"), "checkpoint.finetune=true", "steps=3"]
-    pp2, single = tmp_path / "pp2", tmp_path / "pp1"
-    train(demo_data, pp2, *weights, "parallel=pp2", nproc=2)
-    train(demo_data, single, *weights)
-    assert sorted(losses(pp2)) == [1, 2, 3]
-    for step in (1, 2, 3):
-        assert losses(pp2)[step] == pytest.approx(losses(single)[step], rel=1e-5)
-
-
-def test_corrupt_checkpoint_falls_back_to_the_previous_good_one(demo_data, tmp_path):
-    run_dir = tmp_path / "run"
-    train(demo_data, run_dir, "steps=4", "checkpoint.interval=2", "checkpoint.keep=0")
+def test_corrupt_checkpoint_falls_back_to_the_previous_good_one(demo_data, reference, tmp_path):
+    run_dir = resumable_copy(reference, tmp_path / "corrupt", step=12)
     checkpoints = run_dir / "checkpoints"
-    shard = max((checkpoints / "iter_0000004").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard = max((checkpoints / "iter_0000012").glob("*.distcp"), key=lambda p: p.stat().st_size)
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
-    (checkpoints / "iter_0000006.tmp").mkdir()  # a save that never finished
-    resumed = train(demo_data, run_dir, "steps=5")
-    output = resumed.stdout + resumed.stderr
-    assert "skipping checkpoint" in output and "iter_0000004" in output
-    assert "iter_0000002" in output
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["split"] == "train"][-3:] == [3, 4, 5]
+    (checkpoints / "iter_0000018.tmp").mkdir()  # a save that never finished
+    output = train(demo_data, run_dir, "steps=8")
+    assert "skipping checkpoint" in output and "iter_0000012" in output
+    assert "iter_0000006" in output
+    assert_same_losses(losses(run_dir), losses(reference), range(7, 9), rel=1e-6)
+
+
+def test_a_diverging_run_stops_naming_the_step_and_micro_batch(demo_data, tmp_path):
+    proc = subprocess.run(
+        command(
+            tmp_path / "nan",
+            "steps=5",
+            "optim.lr=1e30",
+            "optim.min_lr=0",
+            "optim.warmup_steps=0",
+            "optim.clip_grad=0",
+        ),
+        cwd=REPO,
+        env=environment(demo_data),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "non-finite" in proc.stderr and "at step" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_bf16_mixed_precision_trains_resumes_and_exports(demo_data, tmp_path):
+    run_dir = tmp_path / "bf16"
+    train(demo_data, run_dir, "steps=3", "precision=bf16")
+    assert "resumed from" in train(demo_data, run_dir, "steps=4", "precision=bf16")
+    got = losses(run_dir)
+    assert sorted(got) == [1, 2, 3, 4] and all(math.isfinite(v) for v in got.values())
+    from safetensors.torch import load_file
+
+    from train.distributed import single_process
+    from train.hf import export_checkpoint
+
+    with single_process():
+        out = export_checkpoint(run_dir, tmp_path / "hf")
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
