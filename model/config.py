@@ -7,6 +7,7 @@ cross-group checks (heads vs tensor parallelism, ...) live in ``train.config.Tra
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
@@ -81,23 +82,17 @@ class RopeConfig:
                 f"{prefix}.llama_4_scaling_beta needs {prefix}.original_max_position_embeddings"
             )
 
+    @classmethod
+    def scaling_fields(cls) -> tuple[str, ...]:
+        """The optional fields, shared with Hugging Face ``rope_parameters``."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("rope_type", "rope_theta"))
+
     def to_hf(self) -> dict:
         """The Hugging Face ``rope_parameters`` dict (keys that are None are left out)."""
         out = {"rope_type": self.rope_type.value, "rope_theta": self.rope_theta}
-        for name in (
-            "factor",
-            "original_max_position_embeddings",
-            "low_freq_factor",
-            "high_freq_factor",
-            "beta_fast",
-            "beta_slow",
-            "mscale",
-            "mscale_all_dim",
-            "llama_4_scaling_beta",
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
+        out.update(
+            {name: getattr(self, name) for name in self.scaling_fields() if getattr(self, name) is not None}
+        )
         return out
 
 

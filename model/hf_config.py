@@ -20,17 +20,6 @@ IMPORTABLE = {
     "qwen3": "Qwen3",
     MODEL_TYPE: "Nemotron-Labs-Diffusion",
 }
-_ROPE_KEYS = (
-    "factor",
-    "original_max_position_embeddings",
-    "low_freq_factor",
-    "high_freq_factor",
-    "beta_fast",
-    "beta_slow",
-    "mscale",
-    "mscale_all_dim",
-    "llama_4_scaling_beta",
-)
 
 
 def nld_config(
@@ -85,7 +74,7 @@ def _rope(hf: dict) -> RopeConfig:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in {t.value for t in RopeType}:
         raise ConfigError(f"rope_type {kind!r} is not supported (default, llama3, yarn)")
-    values = {k: params[k] for k in _ROPE_KEYS if params.get(k) is not None}
+    values = {k: params[k] for k in RopeConfig.scaling_fields() if params.get(k) is not None}
     if kind == "yarn" and "original_max_position_embeddings" not in values:
         values["original_max_position_embeddings"] = hf.get("original_max_position_embeddings")
     return RopeConfig(rope_type=RopeType(kind), rope_theta=float(theta), **values)

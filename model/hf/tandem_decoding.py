@@ -72,35 +72,50 @@ class Decoded:
         return len(self.tokens) / max(self.nfe, 1)
 
 
-def choose(
-    logits: torch.Tensor, mask_id: int, temperature: float, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token and its probability for each row of ``logits`` [S, V]; never the mask token."""
-    logits = logits.double().clone()
-    logits[:, mask_id] = float("-inf")
-    if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    else:
-        probs = torch.softmax(logits, dim=-1)
-        tokens = probs.argmax(dim=-1)
-    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
+@dataclass
+class Sampler:
+    """How a token is chosen from logits: greedy at temperature 0, else sampled; never the mask token."""
+
+    mask_id: int
+    temperature: float = 0.0
+    generator: torch.Generator | None = None
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token and its probability for each row of ``logits`` [S, V]."""
+        logits = logits.double().clone()
+        logits[:, self.mask_id] = float("-inf")
+        if self.temperature > 0:
+            probs = torch.softmax(logits / self.temperature, dim=-1)
+            tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+            tokens = probs.argmax(dim=-1)
+        return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 class _Run:
-    """Book-keeping shared by the decoders: pass counting, EOS and length limits."""
+    """Book-keeping of one decode: the cache, pass counting, EOS and length limits."""
 
-    def __init__(self, step: Step, max_new_tokens: int, eos_token_ids: set[int]):
+    def __init__(self, step: Step, max_new_tokens: int, eos_token_ids: set[int], sample: Sampler):
         self.step_fn = step
         self.max_new_tokens = max_new_tokens
         self.eos = eos_token_ids
+        self.sample = sample
+        self.cache = KVCache()
         self.out = Decoded(tokens=[], nfe=0)
 
-    def step(self, kind: str, tokens: list[int] | torch.Tensor, cache: KVCache, mask_mod, write: bool):
+    def step(
+        self, kind: str, tokens: list[int] | torch.Tensor, mask_mod: MaskMod, write: bool
+    ) -> torch.Tensor:
         ids = torch.as_tensor(tokens, dtype=torch.long).view(1, -1)
         self.out.nfe += 1
         self.out.passes[kind] = self.out.passes.get(kind, 0) + 1
-        return self.step_fn(ids, cache, mask_mod, write)[0]  # [S, V]
+        return self.step_fn(ids, self.cache, mask_mod, write)[0]  # [S, V]
+
+    def next_token(self, kind: str, tokens, write: bool = True) -> torch.Tensor:
+        """A causal pass over ``tokens``; the token its last position predicts, as a [1] tensor."""
+        logits = self.step(kind, tokens, causal(), write)
+        return self.sample(logits[-1:])[0]
 
     def emit(self, tokens: list[int]) -> bool:
         """Append ``tokens``; True when decoding is over (EOS emitted or the budget reached)."""
@@ -111,7 +126,9 @@ class _Run:
         return False
 
 
-class AutoregressiveDecoder:
+class Decoder:
+    """Causal prefill of the prompt, then ``continue_from`` the first generated token."""
+
     def decode(
         self,
         step: Step,
@@ -122,13 +139,19 @@ class AutoregressiveDecoder:
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> Decoded:
-        run, cache = _Run(step, max_new_tokens, eos), KVCache()
-        logits = run.step("prefill", prompt, cache, causal(), write=True)
-        token, _ = choose(logits[-1:], mask_id, temperature, generator)
-        while not run.emit(token.tolist()):
-            logits = run.step("ar", token, cache, causal(), write=True)
-            token, _ = choose(logits[-1:], mask_id, temperature, generator)
+        run = _Run(step, max_new_tokens, eos, Sampler(mask_id, temperature, generator))
+        self.continue_from(run, run.next_token("prefill", prompt))
         return run.out
+
+    def continue_from(self, run: _Run, first: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class AutoregressiveDecoder(Decoder):
+    def continue_from(self, run: _Run, first: torch.Tensor) -> None:
+        token = first
+        while not run.emit(token.tolist()):
+            token = run.next_token("ar", token)
 
 
 class ConfidenceThreshold:
@@ -160,23 +183,18 @@ class EvenSchedule:
         return torch.zeros_like(masked).index_fill_(0, confidence.topk(k).indices, True)
 
 
-def _fill(
-    run: _Run,
-    kind: str,
-    block: torch.Tensor,
-    cache: KVCache,
-    rule,
-    mask_id: int,
-    temperature: float,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Bidirectional passes over cache + block (no cache write) until no slot of ``block`` is masked."""
-    start = cache.length
+def _fill(run: _Run, kind: str, seed: torch.Tensor, length: int, rule) -> torch.Tensor:
+    """The block ``[seed, MASK x (length-1)]`` filled by bidirectional passes over cache + block (no
+    cache write), committing masked slots by ``rule`` until none is left."""
+    mask_id = run.sample.mask_id
+    block = torch.full((length,), mask_id, dtype=torch.long)
+    block[0] = seed[0]
     masked = block == mask_id
+    start = run.cache.length
     passes = 0
     while masked.any():
-        logits = run.step(kind, block, cache, block_decode(start), write=False)
-        tokens, confidence = choose(logits, mask_id, temperature, generator)
+        logits = run.step(kind, block, block_decode(start), write=False)
+        tokens, confidence = run.sample(logits)
         commit = rule.select(masked, confidence, passes)
         block = torch.where(commit, tokens, block)
         masked &= ~commit
@@ -184,13 +202,7 @@ def _fill(
     return block
 
 
-def _new_block(seed: torch.Tensor, length: int, mask_id: int) -> torch.Tensor:
-    block = torch.full((length,), mask_id, dtype=torch.long)
-    block[0] = seed[0]
-    return block
-
-
-class BlockDiffusionDecoder:
+class BlockDiffusionDecoder(Decoder):
     def __init__(self, block_length: int, threshold: float | None = 0.9, steps: int | None = None):
         """``threshold``: confidence-threshold commits; None -> ``steps`` passes per block instead."""
         if block_length < 2:
@@ -202,37 +214,16 @@ class BlockDiffusionDecoder:
             ConfidenceThreshold(threshold) if threshold is not None else EvenSchedule(steps, block_length - 1)
         )
 
-    def decode(
-        self,
-        step: Step,
-        prompt: list[int],
-        max_new_tokens: int,
-        mask_id: int,
-        eos: set[int],
-        temperature: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> Decoded:
-        run, cache = _Run(step, max_new_tokens, eos), KVCache()
-        logits = run.step("prefill", prompt, cache, causal(), write=True)
-        seed, _ = choose(logits[-1:], mask_id, temperature, generator)
+    def continue_from(self, run: _Run, first: torch.Tensor) -> None:
+        seed = first
         while True:
-            block = _fill(
-                run,
-                "denoise",
-                _new_block(seed, self.block_length, mask_id),
-                cache,
-                self.rule,
-                mask_id,
-                temperature,
-                generator,
-            )
+            block = _fill(run, "denoise", seed, self.block_length, self.rule)
             if run.emit(block.tolist()):
-                return run.out
-            logits = run.step("append", block, cache, causal(), write=True)
-            seed, _ = choose(logits[-1:], mask_id, temperature, generator)
+                return
+            seed = run.next_token("append", block)  # the block joins the cache causally
 
 
-class SelfSpeculativeDecoder:
+class SelfSpeculativeDecoder(Decoder):
     def __init__(self, block_length: int, draft_threshold: float = 0.0):
         """``draft_threshold`` 0 fills every mask in one draft pass; higher values draft iteratively."""
         if block_length < 2:
@@ -240,38 +231,17 @@ class SelfSpeculativeDecoder:
         self.block_length = block_length
         self.rule = ConfidenceThreshold(draft_threshold)
 
-    def decode(
-        self,
-        step: Step,
-        prompt: list[int],
-        max_new_tokens: int,
-        mask_id: int,
-        eos: set[int],
-        temperature: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> Decoded:
-        run, cache = _Run(step, max_new_tokens, eos), KVCache()
-        logits = run.step("prefill", prompt, cache, causal(), write=True)
-        seed, _ = choose(logits[-1:], mask_id, temperature, generator)
+    def continue_from(self, run: _Run, first: torch.Tensor) -> None:
+        seed = first
         if run.emit(seed.tolist()):
-            return run.out
+            return
         while True:
-            start = cache.length
-            block = _fill(
-                run,
-                "draft",
-                _new_block(seed, self.block_length, mask_id),
-                cache,
-                self.rule,
-                mask_id,
-                temperature,
-                generator,
-            )
-            logits = run.step("verify", block, cache, causal(), write=True)
-            ar, _ = choose(logits, mask_id, temperature, generator)  # ar[i] proposes block[i + 1]
+            start = run.cache.length
+            block = _fill(run, "draft", seed, self.block_length, self.rule)
+            ar, _ = run.sample(run.step("verify", block, causal(), write=True))  # ar[i] proposes block[i+1]
             accepted = int((ar[:-1] == block[1:]).long().cumprod(0).sum())
             run.out.accepted.append(accepted)
-            cache.crop(start + accepted + 1)  # the seed and the accepted drafts
+            run.cache.crop(start + accepted + 1)  # the seed and the accepted drafts
             seed = ar[accepted : accepted + 1]
             if run.emit(ar[: accepted + 1].tolist()):
-                return run.out
+                return
