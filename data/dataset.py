@@ -106,19 +106,20 @@ def build_datasets(
         }
     else:
         splits = {"blend": blend(cfg.prefixes, cfg.weights), "split": cfg.split}
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=cfg.seq_length,
-        path_to_cache=cfg.cache_dir or str(Path(cfg.prefixes[0]).parent / "cache"),
-        tokenizer=_MegatronTokenizer(tokenizer),
-        # PackedSequenceDataset restarts position ids with the document ids; masks come from kernels/.
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=cfg.eod_mask_loss,
-        create_attention_mask=False,
-        **splits,
-    )
+    # The config logs through megatron's rank-0 logger too (0.19 warns without a process group).
     with _process_group():
+        config = GPTDatasetConfig(
+            random_seed=seed,
+            sequence_length=cfg.seq_length,
+            path_to_cache=cfg.cache_dir or str(Path(cfg.prefixes[0]).parent / "cache"),
+            tokenizer=_MegatronTokenizer(tokenizer),
+            # PackedSequenceDataset restarts position ids with the document ids; masks come from kernels/.
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=cfg.eod_mask_loss,
+            create_attention_mask=False,
+            **splits,
+        )
         built = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), is_built_on_rank, config).build()
     return tuple(
         None if ds is None else PackedSequenceDataset(ds, tokenizer.eod_id, cfg.document_masks)

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,8 +245,11 @@ def _merge_shards(job: _ShardJob, prefix: Path) -> None:
     # add_index runs gc.collect() per shard (0.2 s with torch loaded); frozen objects make that free.
     gc.freeze()
     try:
-        for index in range(job.shards):
-            builder.add_index(str(job.path(index)))
+        with warnings.catch_warnings():
+            # megatron.core 0.19 warns it defaults to rank 0 without torch.distributed; right for this job.
+            warnings.filterwarnings("ignore", message="Could not determine rank")
+            for index in range(job.shards):
+                builder.add_index(str(job.path(index)))
     finally:
         gc.unfreeze()
     builder.finalize(f"{tmp}.idx")

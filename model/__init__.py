@@ -6,3 +6,5 @@ import warnings
 # prints one line instead when it builds a model (model.megatron.backend_notice).
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine)( and Apex)? (is|are) not installed.*")
 warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+# megatron.core 0.19: get_megatron_optimizer imports its experimental MiMo model, which warns on import.
+warnings.filterwarnings("ignore", message=r"MimoModelConfig is experimental")

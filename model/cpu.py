@@ -13,6 +13,9 @@ What it patches (all process-wide, CPU-only):
    clipping check before accepting a parameter;
 3. ``torch.cuda`` device/stream/RNG calls: ``current_device`` names the CPU, synchronize and
    streams are no-ops, and megatron's CUDA RNG tracker seeds, saves and restores the CPU generator.
+
+The factory wrappers are installed after torch's ``torch.device(...)`` context has cached its set of
+the real factories, so that context (``"meta"`` in transformers' ``from_pretrained``) still applies.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import functools
 
 import torch
+import torch.utils._device
 
 _FACTORIES = (
     "zeros",
@@ -103,6 +107,9 @@ def enable() -> bool:
         return False
     if _enabled:
         return True
+    # `with torch.device(...)` (transformers builds models under "meta") finds factories by identity
+    # in a cached set; fill it with the real ones first, or models built later get garbage buffers.
+    torch.utils._device._device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _cpu_factory(getattr(torch, name)))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self

@@ -16,11 +16,13 @@ another; per-rank RNG states are restored only when the layout is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import queue
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +32,15 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 log = logging.getLogger("tandem.checkpoint")
+
+
+def _not_async_notice(record: logging.LogRecord) -> bool:
+    return "async save is deprecated" not in record.getMessage()
+
+
+# megatron.core 0.19 runs its synchronous save through the deprecated async path and says so; Tandem saves
+# synchronously, so that notice is noise.
+logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(_not_async_notice)
 
 MANIFEST = "tandem.json"
 LATEST = "latest"
@@ -249,8 +260,18 @@ def load(
             return state, folder
 
 
+@contextlib.contextmanager
+def _quiet_common_state_read():
+    with warnings.catch_warnings():
+        # megatron.core 0.19 reads the common state with torch's single-process loader, which warns twice.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message="The argument order of load has been changed")
+        yield
+
+
 def _load_folder(folder: Path, models: list, optimizer, weights_only: bool) -> TrainState:
-    common = dist_checkpointing.load_common_state_dict(str(folder))
+    with _quiet_common_state_read():
+        common = dist_checkpointing.load_common_state_dict(str(folder))
     saved = TrainState(**{**common["train_state"], "layout": tuple(common["train_state"]["layout"])})
     model_sd = _model_sharded(models)
     request = dict(model_sd)
@@ -258,7 +279,8 @@ def _load_folder(folder: Path, models: list, optimizer, weights_only: bool) -> T
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
         if saved.layout == _layout():
             request["rng_state"] = _rng_object()
-    loaded = dist_checkpointing.load(request, str(folder))
+    with _quiet_common_state_read():
+        loaded = dist_checkpointing.load(request, str(folder))
     if len(models) == 1:
         models[0].load_state_dict(loaded["model"])
     else:

@@ -123,3 +123,14 @@ def test_libraries_imported_after_the_patches_still_import(megatron_single):
         "import transformers.generation.utils\nprint(torch.cuda.Stream | None)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True)
+
+
+def test_torch_device_context_still_applies_after_the_patches():
+    # transformers' from_pretrained builds under `with torch.device("meta")`; a factory the context
+    # misses leaves real-valued buffers (RoPE inv_freq) uninitialised after loading.
+    code = (
+        "import torch\nfrom model import cpu\ncpu.enable()\n"
+        "with torch.device('meta'):\n"
+        "    assert torch.tensor([1.0]).is_meta and torch.arange(4).is_meta and torch.zeros(2).is_meta\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
