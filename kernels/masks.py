@@ -100,6 +100,40 @@ def block_decode(block_start: int) -> MaskMod:
     return _named(mask_mod, f"block_decode_s{block_start}")
 
 
+def speculate_fused(block_start: int, block: int) -> MaskMod:
+    """One pass that verifies a draft block and pre-drafts the next one for every outcome.
+
+    Keys/queries from ``block_start`` on are laid out as the draft block (``block`` tokens, read
+    causally: its AR logits verify the draft), then ``block`` pre-draft blocks of ``block`` slots each.
+    Pre-draft block k is the next block as it would be drafted after keeping draft tokens 0..k: it
+    sees the prefix before ``block_start``, draft tokens 0..k and itself (bidirectionally), nothing
+    else. Positions before ``block_start`` are causal. (TiDAR's fused draft-and-verify layout.)
+    Indices are slots of the pass, not RoPE positions: ``speculate_fused_positions`` gives those.
+    """
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_rel, kv_rel = q_idx - block_start, kv_idx - block_start
+        q_draft = q_rel >= block  # a pre-draft query
+        kept = torch.div(q_rel - block, block, rounding_mode="floor")  # its k
+        plain = (kv_idx <= q_idx) & ~q_draft  # prefix and draft block: causal
+        from_draft = q_draft & (kv_rel <= kept)  # the prefix and draft tokens 0..k
+        same_block = (
+            q_draft & (kv_rel >= block) & (torch.div(kv_rel - block, block, rounding_mode="floor") == kept)
+        )
+        return plain | from_draft | same_block
+
+    return _named(mask_mod, f"speculate_fused_s{block_start}_b{block}")
+
+
+def speculate_fused_positions(block_start: int, block: int) -> torch.Tensor:
+    """RoPE positions of ``speculate_fused``'s slots from ``block_start`` on: the draft block at
+    ``block_start + i``; slot j of pre-draft block k right after draft token k, at
+    ``block_start + k + 1 + j``."""
+    slots = torch.arange(block)
+    predraft = (slots[:, None] + 1 + slots[None, :]).flatten()
+    return block_start + torch.cat([slots, predraft])
+
+
 def same_document(document_ids: torch.Tensor) -> MaskMod:
     """Tokens attend only inside their own document. ``document_ids``: [B, S] over the key sequence
     (for ``[x_t ; x_0]`` pass the ids of both halves concatenated)."""

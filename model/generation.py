@@ -17,7 +17,13 @@ import torch
 from model.hf_config import ARCHITECTURE, MODEL_TYPE
 
 # Mode name -> the export's entry point.
-MODES = {"ar": "ar_generate", "diffusion": "generate", "self_spec": "linear_spec_generate"}
+MODES = {
+    "ar": "ar_generate",
+    "diffusion": "generate",
+    "self_spec": "linear_spec_generate",
+    # Self-speculation with drafting folded into the verify pass (one pass per iteration).
+    "self_spec_fused": "fused_spec_generate",
+}
 
 
 @dataclass
@@ -82,6 +88,11 @@ def decode(
 ) -> Generation:
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} does not exist; choose one of {', '.join(MODES)}")
+    if not hasattr(model, MODES[mode]):
+        raise ValueError(
+            f"this export's remote code has no {MODES[mode]} (mode {mode!r}); it was written by an older "
+            "Tandem: export the checkpoint again with scripts/export_hf.py --overwrite"
+        )
     start = time.perf_counter()
     out, nfe = getattr(model, MODES[mode])(prompt_ids, max_new_tokens=max_new_tokens, **options)
     seconds = time.perf_counter() - start

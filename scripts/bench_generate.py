@@ -3,8 +3,9 @@
     python scripts/bench_generate.py --model exports/quickstart [--prompts 12] [--max-new-tokens 64]
 
 On a fixed prompt set (held-out demo text when available), batch 1, greedy:
-- AR, block diffusion at the default threshold, and self-speculation: TPF (tokens per forward pass,
-  every pass counted: prefill, denoise, append, draft, verify), tokens/s and the speed ratio to AR;
+- AR, block diffusion at the default threshold, and self-speculation in two passes per iteration
+  (self_spec) and in one (self_spec_fused): TPF (tokens per forward pass, every pass counted:
+  prefill, denoise, append, draft, verify), tokens/s and the speed ratio to AR;
   for self-speculation also tokens per verify pass and the mean accepted draft length, and whether its
   output equals AR token for token;
 - sweeps of the diffusion threshold and of the block length;
@@ -102,6 +103,9 @@ def main(argv: list[str]) -> int:
         )
     for b in blocks:
         rows[f"self_spec B={b}"] = run_mode(model, tokenizer, prompts, "self_spec", n, block_length=b)
+        rows[f"self_spec_fused B={b}"] = run_mode(
+            model, tokenizer, prompts, "self_spec_fused", n, block_length=b
+        )
         if b != block:
             rows[f"diffusion t=0.9 B={b}"] = run_mode(
                 model, tokenizer, prompts, "diffusion", n, block_length=b, threshold=0.9

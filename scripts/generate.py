@@ -1,4 +1,4 @@
-"""Decode a prompt with an exported model in one of the three modes.
+"""Decode a prompt with an exported model: ar, diffusion, self_spec or self_spec_fused.
 
     python scripts/generate.py --model exports/quickstart --mode self_spec --prompt "The river" \
         --max-new-tokens 64 [--block-length 16] [--threshold 0.9] [--temperature 0] [--json]
@@ -26,7 +26,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--mode", required=True, choices=sorted(MODES))
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--block-length", type=int, help="diffusion / self_spec block (default: the model's)")
+    parser.add_argument(
+        "--block-length",
+        type=int,
+        help="diffusion / self_spec / self_spec_fused block (default: the model's)",
+    )
     parser.add_argument(
         "--threshold",
         type=float,
@@ -41,6 +45,8 @@ def main(argv: list[str]) -> int:
     options: dict = {"temperature": args.temperature, "generator": torch.Generator().manual_seed(args.seed)}
     if args.mode != "ar" and args.block_length is not None:
         options["block_length"] = args.block_length
+    if args.mode == "self_spec_fused" and args.threshold is not None:
+        parser.error("--threshold does not apply to self_spec_fused (its drafts come from one pass)")
     if args.mode != "ar" and args.threshold is not None:
         options["threshold"] = args.threshold
     if args.mode == "diffusion" and args.steps is not None:

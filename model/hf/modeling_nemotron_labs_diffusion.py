@@ -8,6 +8,8 @@ Llama/Mistral-style decoder: RMSNorm, GQA attention with RoPE, SwiGLU) and an un
 - ``ar_generate``: autoregressive decoding with a KV cache;
 - ``generate``: block diffusion (``block_length``, ``threshold``, ``steps``, ``temperature``);
 - ``linear_spec_generate``: self-speculation, diffusion drafts verified by the same model's AR pass;
+- ``fused_spec_generate``: self-speculation with drafting and verifying in one pass per iteration
+  (Tandem's addition, TiDAR's layout; same output as ``linear_spec_generate`` at temperature 0);
 
 each returning ``(ids, nfe)``: prompt plus generated ids, and the number of forward passes.
 ``forward`` also takes the NLD training call (``labels``, ``masked_indices``, ``p_mask`` with
@@ -34,6 +36,7 @@ from .tandem_decoding import (
     AutoregressiveDecoder,
     BlockDiffusionDecoder,
     Decoded,
+    FusedSelfSpeculativeDecoder,
     KVCache,
     SelfSpeculativeDecoder,
 )
@@ -285,18 +288,28 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
 
     # ---- decoding -------------------------------------------------------------------------------
 
-    def _step(self, ids: torch.Tensor, cache: KVCache, mask_mod, write: bool) -> torch.Tensor:
+    def _step(self, ids: torch.Tensor, cache: KVCache, mask_mod, write: bool, positions=None) -> torch.Tensor:
         start, S = cache.length, ids.shape[1]
         device = self.diffusion_head.weight.device
         ids = ids.to(device)
-        positions = torch.arange(start, start + S, device=device)[None]
+        if positions is None:
+            positions = torch.arange(start, start + S, device=device)
+        positions = positions.to(device)[None]
         mask = dense(shifted(mask_mod, start), S, start + S, device=device)
         return self._logits(ids, positions, mask, cache, write)
 
     def _decode(
-        self, decoder, prompt_ids, max_new_tokens, temperature, eos_token_id, generator, mask_token_id=None
+        self,
+        decoder,
+        prompt_ids,
+        max_new_tokens,
+        temperature,
+        eos_token_id,
+        generator,
+        mask_token_id=None,
+        lookahead: int = 1,
     ):
-        prompt = self._check_prompt(prompt_ids, max_new_tokens)
+        prompt = self._check_prompt(prompt_ids, max_new_tokens, lookahead)
         eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
         eos_ids = set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
         mask_id = self.config.mask_token_id if mask_token_id is None else mask_token_id
@@ -308,7 +321,8 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         self.last_decoded = decoded  # passes by kind and accepted drafts, for benchmarks
         return ids, decoded.nfe
 
-    def _check_prompt(self, prompt_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    def _check_prompt(self, prompt_ids: torch.Tensor, max_new_tokens: int, lookahead: int = 1) -> list[int]:
+        """``lookahead``: blocks a pass may place beyond the last emitted token (2 when pre-drafting)."""
         if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
             raise ValueError(
                 f"prompt_ids must have shape [1, P] (one prompt at a time); got {tuple(prompt_ids.shape)}"
@@ -317,13 +331,13 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
             raise ValueError("the prompt is empty: give at least one token (e.g. the BOS/EOS token)")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        total = prompt_ids.shape[1] + max_new_tokens + self.config.block_size
+        total = prompt_ids.shape[1] + max_new_tokens + lookahead * self.config.block_size
         if total > self.config.max_position_embeddings:
+            blocks = "one block" if lookahead == 1 else f"{lookahead} blocks"
             raise ValueError(
-                f"a prompt of {prompt_ids.shape[1]} tokens plus {max_new_tokens} new tokens (and one block "
-                "of "
-                f"{self.config.block_size}) exceeds the context of {self.config.max_position_embeddings} "
-                "positions; shorten the prompt or ask for fewer tokens"
+                f"a prompt of {prompt_ids.shape[1]} tokens plus {max_new_tokens} new tokens (and {blocks} "
+                f"of {self.config.block_size}) exceeds the context of "
+                f"{self.config.max_position_embeddings} positions; shorten the prompt or ask for fewer tokens"
             )
         return prompt_ids[0].tolist()
 
@@ -389,4 +403,29 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
             eos_token_id,
             generator,
             mask_token_id=mask_token_id,
+        )
+
+    def fused_spec_generate(
+        self,
+        prompt_ids,
+        max_new_tokens: int = 128,
+        block_length: int | None = None,
+        temperature: float = 0.0,
+        mask_token_id: int | None = None,
+        eos_token_id=None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ):
+        """Self-speculation in one pass per iteration: the verify pass also drafts the next block for
+        every possible acceptance length (``block_length`` + ``block_length``^2 slots per pass)."""
+        decoder = FusedSelfSpeculativeDecoder(self._check_block(block_length))
+        return self._decode(
+            decoder,
+            prompt_ids,
+            max_new_tokens,
+            temperature,
+            eos_token_id,
+            generator,
+            mask_token_id=mask_token_id,
+            lookahead=2,
         )

@@ -1,9 +1,9 @@
-"""The three decoding modes of a joint AR + block-diffusion model, over one KV cache (batch 1).
+"""The decoding modes of a joint AR + block-diffusion model, over one KV cache (batch 1).
 
-The model side is one call, ``step(tokens [1, S], cache, mask_mod, write) -> logits [1, S, V]``: the
-tokens sit at positions ``cache.length ..``, attend to the cache and to each other as ``mask_mod``
-(a predicate of ``tandem_masks``) allows, and their keys/values are appended when ``write``. Every
-call is one forward pass and counts in ``nfe``.
+The model side is one call, ``step(tokens [1, S], cache, mask_mod, write, positions) -> logits
+[1, S, V]``: the tokens sit at RoPE positions ``positions`` (default ``cache.length ..``), attend to
+the cache and to each other as ``mask_mod`` (a predicate of ``tandem_masks``) allows, and their
+keys/values are appended when ``write``. Every call is one forward pass and counts in ``nfe``.
 
 - ``AutoregressiveDecoder``: causal prefill, then one token per pass.
 - ``BlockDiffusionDecoder``: each block starts ``[seed, MASK x (B-1)]`` where the seed is the AR
@@ -16,6 +16,8 @@ call is one forward pass and counts in ``nfe``.
   plus the AR token at the first mismatch, and the cache is cropped to the kept tokens. At
   temperature 0 every emitted token is the AR argmax given the emitted prefix, so the output equals
   greedy AR decoding; at temperature > 0 exact-match verification keeps the AR distribution.
+- ``FusedSelfSpeculativeDecoder``: the same verification, with the next block's draft computed in
+  the verify pass itself for every possible outcome (one pass per iteration instead of two).
 
 The mask token is never emitted (its logit is set to -inf before choosing). Imports nothing outside
 torch and its sibling ``tandem_masks`` (copied into the export folder).
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .tandem_masks import MaskMod, block_decode, causal
+from .tandem_masks import MaskMod, block_decode, causal, speculate_fused, speculate_fused_positions
 
 
 class KVCache:
@@ -57,7 +59,8 @@ class KVCache:
             self.values[layer] = self.values[layer][:, :, :length]
 
 
-Step = Callable[[torch.Tensor, KVCache, MaskMod, bool], torch.Tensor]
+# (ids [1, S], cache, mask predicate, write to the cache?, RoPE positions [S] or None for the next S).
+Step = Callable[[torch.Tensor, KVCache, MaskMod, bool, "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass
@@ -105,12 +108,17 @@ class _Run:
         self.out = Decoded(tokens=[], nfe=0)
 
     def step(
-        self, kind: str, tokens: list[int] | torch.Tensor, mask_mod: MaskMod, write: bool
+        self,
+        kind: str,
+        tokens: list[int] | torch.Tensor,
+        mask_mod: MaskMod,
+        write: bool,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         ids = torch.as_tensor(tokens, dtype=torch.long).view(1, -1)
         self.out.nfe += 1
         self.out.passes[kind] = self.out.passes.get(kind, 0) + 1
-        return self.step_fn(ids, self.cache, mask_mod, write)[0]  # [S, V]
+        return self.step_fn(ids, self.cache, mask_mod, write, positions)[0]  # [S, V]
 
     def next_token(self, kind: str, tokens, write: bool = True) -> torch.Tensor:
         """A causal pass over ``tokens``; the token its last position predicts, as a [1] tensor."""
@@ -245,3 +253,47 @@ class SelfSpeculativeDecoder(Decoder):
             seed = ar[accepted : accepted + 1]
             if run.emit(ar[: accepted + 1].tolist()):
                 return
+
+
+class FusedSelfSpeculativeDecoder(Decoder):
+    """Self-speculation with one forward pass per iteration instead of two.
+
+    The pass reads the current draft block causally (its AR logits verify it, as in the two-pass
+    decoder) and, in the same forward, a pre-draft of the next block for every possible number k of
+    kept drafts: a block of masks placed right after draft token k, seeing the prefix, draft tokens
+    0..k and itself (``speculate_fused``). Once the verification has kept k drafts, pre-draft block k
+    becomes the next draft, its first slot replaced by the AR token at the first mismatch. Every pass
+    therefore emits at least one token (TPF >= 1 after the prefill) at the cost of ``B + B*B`` query
+    slots per pass, cheap where decoding is memory-bound (a GPU at batch 1), not on a CPU.
+    Verification is the same exact-match rule, so greedy output equals greedy AR decoding.
+    """
+
+    def __init__(self, block_length: int):
+        if block_length < 2:
+            raise ValueError(f"block_length={block_length} must be >= 2 (the seed plus drafted slots)")
+        self.block_length = block_length
+
+    def continue_from(self, run: _Run, first: torch.Tensor) -> None:
+        D, mask_id = self.block_length, run.sample.mask_id
+        if run.emit(first.tolist()):
+            return
+        block = torch.full((D,), mask_id, dtype=torch.long)  # no drafts yet: the first pass only drafts
+        block[0] = first[0]
+        predraft_masks = torch.full((D * D,), mask_id, dtype=torch.long)
+        while True:
+            start = run.cache.length
+            logits = run.step(
+                "verify",
+                torch.cat([block, predraft_masks]),
+                speculate_fused(start, D),
+                write=True,
+                positions=speculate_fused_positions(start, D),
+            )
+            ar, _ = run.sample(logits[:D])  # ar[i] proposes block[i+1]
+            accepted = int((ar[:-1] == block[1:]).long().cumprod(0).sum())
+            run.out.accepted.append(accepted)
+            run.cache.crop(start + accepted + 1)  # the seed and the kept drafts; pre-drafts dropped
+            if run.emit(ar[: accepted + 1].tolist()):
+                return
+            block, _ = run.sample(logits[D + accepted * D : D + (accepted + 1) * D])
+            block[0] = ar[accepted]

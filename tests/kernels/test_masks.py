@@ -144,9 +144,46 @@ def test_shifted_predicate_matches_the_rows_of_the_full_grid():
     assert torch.equal(causal_rows, dense2d(masks.causal(), P + B)[P:])
 
 
+# Fused draft-and-verify pass after a prefix of 2: draft block d0 d1 (causal), then pre-draft block
+# k=0 (after d0) and k=1 (after d0 d1), each bidirectional inside itself.
+FUSED_PICTURE = """
+1 . . . . . . .
+1 1 . . . . . .
+1 1 1 . . . . .
+1 1 1 1 . . . .
+1 1 1 . 1 1 . .
+1 1 1 . 1 1 . .
+1 1 1 1 . . 1 1
+1 1 1 1 . . 1 1
+"""
+
+
+def test_fused_speculation_mask_matches_its_picture_and_positions():
+    assert torch.equal(dense2d(masks.speculate_fused(2, 2), 8), picture(FUSED_PICTURE))
+    # d0 d1 at 2 3; pre-draft k=0 at 3 4 (right after d0), k=1 at 4 5.
+    assert masks.speculate_fused_positions(2, 2).tolist() == [2, 3, 3, 4, 4, 5]
+
+
+@pytest.mark.parametrize("P,D", [(0, 2), (1, 3), (5, 4), (3, 8)])
+def test_each_fused_pre_draft_block_sees_what_a_separate_draft_pass_would(P, D):
+    m = dense2d(masks.speculate_fused(P, D), P + D + D * D)
+    assert torch.equal(m[: P + D, : P + D], dense2d(masks.causal(), P + D))  # prefix + draft: causal
+    assert not m[: P + D, P + D :].any()  # nothing sees a pre-draft
+    for k in range(D):
+        rows = m[P + D + k * D : P + D + (k + 1) * D]
+        # A separate pass over prefix + d0..dk + D masks (block_decode) lets each mask see exactly these.
+        separate = dense2d(masks.block_decode(P + k + 1), P + k + 1 + D)[P + k + 1 :]
+        assert torch.equal(rows[:, : P + k + 1], separate[:, : P + k + 1])
+        assert not rows[:, P + k + 1 : P + D].any()
+        own = torch.zeros(D * D, dtype=torch.bool)
+        own[k * D : (k + 1) * D] = True
+        assert torch.equal(rows[:, P + D :], own.expand(D, -1))
+
+
 @pytest.mark.parametrize(
     "mask_mod",
     [
+        masks.speculate_fused(3, 3),
         masks.causal(),
         masks.block_diffusion(8, 4),
         masks.block_diffusion(8, 2, CleanAttention.block_causal),

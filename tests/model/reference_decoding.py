@@ -60,6 +60,27 @@ def reference_diffusion(model, prompt, max_new, mask_id, eos, block, threshold) 
         seed = _greedy(full_logits(model, prompt + out, masks.causal())[-1], mask_id)
 
 
+def _verified(model, prefix, draft, mask_id) -> list[int]:
+    """AR tokens for the draft (token i proposes draft[i+1]): the kept drafts plus the AR token at the
+    first mismatch."""
+    start = len(prefix)
+    verify = (
+        _probs(full_logits(model, prefix + draft, masks.causal())[start:], mask_id).argmax(dim=-1).tolist()
+    )
+    accepted = 0
+    while accepted < len(draft) - 1 and verify[accepted] == draft[accepted + 1]:
+        accepted += 1
+    return verify[: accepted + 1]
+
+
+def _emit(out, tokens, eos, max_new) -> bool:
+    for token in tokens:
+        out.append(token)
+        if token in eos or len(out) >= max_new:
+            return True
+    return False
+
+
 def reference_self_speculation(model, prompt, max_new, mask_id, eos, block) -> list[int]:
     out = [_greedy(full_logits(model, prompt, masks.causal())[-1], mask_id)]
     if out[0] in eos or max_new == 1:
@@ -70,15 +91,20 @@ def reference_self_speculation(model, prompt, max_new, mask_id, eos, block) -> l
         draft = [out[-1]] + [mask_id] * (block - 1)
         probs = _probs(full_logits(model, prefix + draft, masks.block_decode(start))[start:], mask_id)
         draft = [draft[0], *probs[1:].argmax(dim=-1).tolist()]
-        verify = (
-            _probs(full_logits(model, prefix + draft, masks.causal())[start:], mask_id)
-            .argmax(dim=-1)
-            .tolist()
-        )
-        accepted = 0
-        while accepted < block - 1 and verify[accepted] == draft[accepted + 1]:
-            accepted += 1
-        for token in verify[: accepted + 1]:
-            out.append(token)
-            if token in eos or len(out) >= max_new:
-                return out
+        if _emit(out, _verified(model, prefix, draft, mask_id), eos, max_new):
+            return out
+
+
+def reference_fused_self_speculation(model, prompt, max_new, mask_id, eos, block) -> list[int]:
+    """The fused decoder's algorithm with separate full passes: verify the draft causally; the next
+    draft is a bidirectional pass over the kept prefix plus a block of masks."""
+    out = [_greedy(full_logits(model, prompt, masks.causal())[-1], mask_id)]
+    if out[0] in eos or max_new == 1:
+        return out
+    draft = [out[0]] + [mask_id] * (block - 1)
+    while True:
+        if _emit(out, _verified(model, prompt + out[:-1], draft, mask_id), eos, max_new):
+            return out
+        kept = prompt + out[:-1]
+        next_logits = full_logits(model, kept + [mask_id] * block, masks.block_decode(len(kept)))
+        draft = [out[-1], *_probs(next_logits[len(kept) :], mask_id)[1:].argmax(dim=-1).tolist()]

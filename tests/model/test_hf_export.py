@@ -20,7 +20,12 @@ from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfi
 from model.generation import decode, encode_prompt, load_export
 from model.megatron import build_model
 from tests.conftest import REPO
-from tests.model.reference_decoding import reference_ar, reference_diffusion, reference_self_speculation
+from tests.model.reference_decoding import (
+    reference_ar,
+    reference_diffusion,
+    reference_fused_self_speculation,
+    reference_self_speculation,
+)
 from train import checkpoint as ckpt
 from train.config import ObjectiveConfig, TrainConfig
 from train.hf import REMOTE_CODE, export_checkpoint, find_checkpoint, import_hf, load_megatron_state
@@ -254,6 +259,10 @@ def test_self_speculation_is_lossless_on_a_random_model(decode_model, prompt, ma
             ids, max_new_tokens=max_new, block_length=block, eos_token_id=[]
         )
         assert spec.tolist() == ar.tolist(), block
+        fused, _ = decode_model.fused_spec_generate(
+            ids, max_new_tokens=max_new, block_length=block, eos_token_id=[]
+        )
+        assert fused.tolist() == ar.tolist(), ("fused", block)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[:3], ids=lambda p: f"len{len(p)}")
@@ -274,6 +283,10 @@ def test_cached_decoders_equal_full_recompute_references(decode_model, prompt):
             0
         ][0, len(prompt) :].tolist()
         assert got == reference_self_speculation(decode_model, prompt, 12, mask_id, no_eos, block)
+        got = decode_model.fused_spec_generate(ids, max_new_tokens=12, block_length=block, eos_token_id=[])[
+            0
+        ][0, len(prompt) :].tolist()
+        assert got == reference_fused_self_speculation(decode_model, prompt, 12, mask_id, no_eos, block)
 
 
 def test_tokens_per_forward_counts_every_pass(decode_model):
@@ -291,6 +304,45 @@ def test_tokens_per_forward_counts_every_pass(decode_model):
     details = decode_model.last_decoded
     assert nfe == 1 + details.passes["draft"] + details.passes["verify"]
     assert len(details.accepted) == details.passes["verify"]
+    _, nfe = decode_model.fused_spec_generate(ids, max_new_tokens=16, block_length=8, eos_token_id=[])
+    details = decode_model.last_decoded
+    # One pass per iteration, each emitting the kept drafts plus one AR token.
+    assert details.passes == {"prefill": 1, "verify": nfe - 1} and len(details.accepted) == nfe - 1
+    assert len(details.tokens) == 1 + sum(a + 1 for a in details.accepted)
+
+
+def test_fused_pre_drafts_equal_separate_draft_passes(decode_model):
+    """Pre-draft block k of one fused pass gives the logits of a separate bidirectional pass over the
+    prefix, draft tokens 0..k and a block of masks (what the two-pass decoder would draft next)."""
+    from kernels.masks import block_decode, causal, speculate_fused, speculate_fused_positions
+
+    module = sys.modules[type(decode_model).__module__]
+    mask_id, D, prompt = 2, 4, PROMPTS[2]
+    draft = [40, 41, 42, 43]
+
+    def prefilled():
+        cache = module.KVCache()
+        decode_model._step(torch.tensor([prompt]), cache, causal(), True)
+        return cache
+
+    P = len(prompt)
+    with torch.no_grad():
+        fused = decode_model._step(
+            torch.tensor([draft + [mask_id] * D * D]),
+            prefilled(),
+            speculate_fused(P, D),
+            True,
+            speculate_fused_positions(P, D),
+        )[0]
+        verify = decode_model._step(torch.tensor([draft]), prefilled(), causal(), False)[0]
+        torch.testing.assert_close(fused[:D], verify, atol=1e-10, rtol=1e-10)
+        for k in range(D):
+            cache = prefilled()
+            decode_model._step(torch.tensor([draft[: k + 1]]), cache, causal(), True)
+            separate = decode_model._step(
+                torch.tensor([[mask_id] * D]), cache, block_decode(P + k + 1), False
+            )[0]
+            torch.testing.assert_close(fused[D + k * D : D + (k + 1) * D], separate, atol=1e-10, rtol=1e-10)
 
 
 def test_the_mask_token_is_never_emitted(exported, tmp_path):
@@ -305,6 +357,7 @@ def test_the_mask_token_is_never_emitted(exported, tmp_path):
         ("ar_generate", {}),
         ("generate", {"threshold": 0.5}),
         ("linear_spec_generate", {}),
+        ("fused_spec_generate", {}),
     ):
         out_ids, _ = getattr(model, method)(ids, max_new_tokens=20, eos_token_id=[], **kwargs)
         assert 2 not in out_ids[0, len(PROMPTS[0]) :].tolist(), method
@@ -316,6 +369,7 @@ def test_eos_stops_every_mode(decode_model):
         ("ar_generate", {}),
         ("generate", {"block_length": 4}),
         ("linear_spec_generate", {}),
+        ("fused_spec_generate", {}),
     ):
         full = getattr(decode_model, method)(ids, max_new_tokens=20, eos_token_id=[], **kwargs)[0][
             0, 2:
@@ -328,7 +382,7 @@ def test_eos_stops_every_mode(decode_model):
 
 def test_sampling_is_reproducible_and_never_emits_the_mask(decode_model):
     ids = torch.tensor([PROMPTS[0]])
-    for method in ("ar_generate", "generate", "linear_spec_generate"):
+    for method in ("ar_generate", "generate", "linear_spec_generate", "fused_spec_generate"):
         a, _ = getattr(decode_model, method)(
             ids,
             max_new_tokens=16,
@@ -378,6 +432,10 @@ def test_generate_cli_json_and_bad_input(exported, demo_data):
         (
             ["--model", out, "--mode", "diffusion", "--prompt", "x", "--block-length", "32"],
             "trained with blocks of 8",
+        ),
+        (
+            ["--model", out, "--mode", "self_spec_fused", "--prompt", "x", "--threshold", "0.5"],
+            "--threshold does not apply to self_spec_fused",
         ),
     ]
     for args, message in cases:
