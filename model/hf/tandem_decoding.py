@@ -148,8 +148,11 @@ class Decoder:
         generator: torch.Generator | None = None,
     ) -> Decoded:
         run = _Run(step, max_new_tokens, eos, Sampler(mask_id, temperature, generator))
-        self.continue_from(run, run.next_token("prefill", prompt))
+        self.start(run, prompt)
         return run.out
+
+    def start(self, run: _Run, prompt: list[int]) -> None:
+        self.continue_from(run, run.next_token("prefill", prompt))
 
     def continue_from(self, run: _Run, first: torch.Tensor) -> None:
         raise NotImplementedError
@@ -273,12 +276,21 @@ class FusedSelfSpeculativeDecoder(Decoder):
             raise ValueError(f"block_length={block_length} must be >= 2 (the seed plus drafted slots)")
         self.block_length = block_length
 
-    def continue_from(self, run: _Run, first: torch.Tensor) -> None:
-        D, mask_id = self.block_length, run.sample.mask_id
+    def start(self, run: _Run, prompt: list[int]) -> None:
+        """The prefill also drafts the first block: masks after the prompt, bidirectional among
+        themselves (``block_decode``), their keys dropped from the cache afterwards."""
+        D, P, mask_id = self.block_length, len(prompt), run.sample.mask_id
+        logits = run.step("prefill", prompt + [mask_id] * D, block_decode(P), write=True)
+        run.cache.crop(P)
+        first = run.sample(logits[P - 1 : P])[0]
         if run.emit(first.tolist()):
             return
-        block = torch.full((D,), mask_id, dtype=torch.long)  # no drafts yet: the first pass only drafts
+        block, _ = run.sample(logits[P:])
         block[0] = first[0]
+        self.speculate(run, block)
+
+    def speculate(self, run: _Run, block: torch.Tensor) -> None:
+        D, mask_id = self.block_length, run.sample.mask_id
         predraft_masks = torch.full((D * D,), mask_id, dtype=torch.long)
         while True:
             start = run.cache.length

@@ -96,15 +96,15 @@ def reference_self_speculation(model, prompt, max_new, mask_id, eos, block) -> l
 
 
 def reference_fused_self_speculation(model, prompt, max_new, mask_id, eos, block) -> list[int]:
-    """The fused decoder's algorithm with separate full passes: verify the draft causally; the next
-    draft is a bidirectional pass over the kept prefix plus a block of masks."""
+    """The fused decoder's algorithm with separate full passes: each draft (the first one too) is a
+    bidirectional pass over the kept prefix plus a block of masks, with the AR token in its first
+    slot; the causal pass over prefix + draft verifies it."""
     out = [_greedy(full_logits(model, prompt, masks.causal())[-1], mask_id)]
     if out[0] in eos or max_new == 1:
         return out
-    draft = [out[0]] + [mask_id] * (block - 1)
     while True:
-        if _emit(out, _verified(model, prompt + out[:-1], draft, mask_id), eos, max_new):
-            return out
         kept = prompt + out[:-1]
-        next_logits = full_logits(model, kept + [mask_id] * block, masks.block_decode(len(kept)))
-        draft = [out[-1], *_probs(next_logits[len(kept) :], mask_id)[1:].argmax(dim=-1).tolist()]
+        logits = full_logits(model, kept + [mask_id] * block, masks.block_decode(len(kept)))
+        draft = [out[-1], *_probs(logits[len(kept) :], mask_id)[1:].argmax(dim=-1).tolist()]
+        if _emit(out, _verified(model, kept, draft, mask_id), eos, max_new):
+            return out

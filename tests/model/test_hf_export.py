@@ -306,7 +306,7 @@ def test_tokens_per_forward_counts_every_pass(decode_model):
     assert len(details.accepted) == details.passes["verify"]
     _, nfe = decode_model.fused_spec_generate(ids, max_new_tokens=16, block_length=8, eos_token_id=[])
     details = decode_model.last_decoded
-    # One pass per iteration, each emitting the kept drafts plus one AR token.
+    # One pass per iteration, each emitting the kept drafts plus one AR token; the prefill drafts too.
     assert details.passes == {"prefill": 1, "verify": nfe - 1} and len(details.accepted) == nfe - 1
     assert len(details.tokens) == 1 + sum(a + 1 for a in details.accepted)
 
