@@ -8,3 +8,6 @@ warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine)( and Ape
 warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 # megatron.core 0.19: get_megatron_optimizer imports its experimental MiMo model, which warns on import.
 warnings.filterwarnings("ignore", message=r"MimoModelConfig is experimental")
+# Selective recompute of core attention: megatron.core warns that TE's fused attention makes it
+# pointless, but the core-attention slot always holds Tandem's own (unfused) CoreAttention.
+warnings.filterwarnings("ignore", message=r"If you are using transformer_engine as the transformer")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -121,50 +120,46 @@ def transformer_config(
             recompute_method=parallel.recompute_method.value,
             recompute_num_layers=parallel.recompute_num_layers,
         )
-    with warnings.catch_warnings():
-        # The core-attention slot always holds Tandem's CoreAttention (unfused, in every spec), so
-        # megatron.core's warning that TE's fused attention makes recomputing it pointless never applies.
-        warnings.filterwarnings("ignore", message="If you are using transformer_engine as the transformer")
-        return TransformerConfig(
-            num_layers=model.num_layers,
-            hidden_size=model.hidden_size,
-            ffn_hidden_size=model.ffn_hidden_size,
-            num_attention_heads=model.num_attention_heads,
-            num_query_groups=model.query_groups,
-            kv_channels=model.head_dim,
-            normalization="RMSNorm",
-            layernorm_epsilon=model.norm_epsilon,
-            qk_layernorm=model.qk_layernorm,
-            gated_linear_unit=True,
-            activation_func=F.silu,
-            add_bias_linear=False,
-            add_qkv_bias=False,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            init_method_std=model.init_method_std,
-            tensor_model_parallel_size=parallel.tensor,
-            pipeline_model_parallel_size=parallel.pipeline,
-            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
-            context_parallel_size=parallel.context,
-            sequence_parallel=parallel.sequence_parallel,
-            params_dtype=dtype,
-            pipeline_dtype=dtype,
-            bf16=precision.dtype is Dtype.bf16,
-            fp16=precision.dtype is Dtype.fp16,
-            # Random init on CPU draws the full weight and slices it, so any TP size starts from the
-            # same weights (tested TP=2 == TP=1); on GPU each rank draws its shard from megatron's RNG.
-            use_cpu_initialization=not on_gpu,
-            # These fusions need apex or Transformer Engine kernels.
-            gradient_accumulation_fusion=te and _apex_wgrad_fusion_available(),
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            masked_softmax_fusion=False,
-            apply_rope_fusion=False,
-            persist_layer_norm=False,
-            deallocate_pipeline_outputs=True,
-            **recompute,
-            **fp8,
-        )
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        qk_layernorm=model.qk_layernorm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        context_parallel_size=parallel.context,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=precision.dtype is Dtype.bf16,
+        fp16=precision.dtype is Dtype.fp16,
+        # Random init on CPU draws the full weight and slices it, so any TP size starts from the
+        # same weights (tested TP=2 == TP=1); on GPU each rank draws its shard from megatron's RNG.
+        use_cpu_initialization=not on_gpu,
+        # These fusions need apex or Transformer Engine kernels.
+        gradient_accumulation_fusion=te and _apex_wgrad_fusion_available(),
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        deallocate_pipeline_outputs=True,
+        **recompute,
+        **fp8,
+    )
 
 
 def layer_spec(model: ModelConfig) -> ModuleSpec:

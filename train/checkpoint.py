@@ -261,7 +261,7 @@ def load(
 
 
 @contextlib.contextmanager
-def _quiet_common_state_read():
+def _quiet_torch_dist_load():
     with warnings.catch_warnings():
         # megatron.core 0.19 reads the common state with torch's single-process loader, which warns twice.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -273,7 +273,7 @@ def _quiet_common_state_read():
 
 
 def _load_folder(folder: Path, models: list, optimizer, weights_only: bool) -> TrainState:
-    with _quiet_common_state_read():
+    with _quiet_torch_dist_load():
         common = dist_checkpointing.load_common_state_dict(str(folder))
     saved = TrainState(**{**common["train_state"], "layout": tuple(common["train_state"]["layout"])})
     model_sd = _model_sharded(models)
@@ -282,7 +282,7 @@ def _load_folder(folder: Path, models: list, optimizer, weights_only: bool) -> T
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
         if saved.layout == _layout():
             request["rng_state"] = _rng_object()
-    with _quiet_common_state_read():
+    with _quiet_torch_dist_load():
         loaded = dist_checkpointing.load(request, str(folder))
     if len(models) == 1:
         models[0].load_state_dict(loaded["model"])

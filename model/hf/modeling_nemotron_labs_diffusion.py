@@ -414,7 +414,6 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         mask_token_id: int | None = None,
         eos_token_id=None,
         generator: torch.Generator | None = None,
-        **kwargs,
     ):
         """Self-speculation in one pass per iteration: the verify pass also drafts the next block for
         every possible acceptance length (``block_length`` + ``block_length``^2 slots per pass)."""

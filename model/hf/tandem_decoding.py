@@ -234,6 +234,19 @@ class BlockDiffusionDecoder(Decoder):
             seed = run.next_token("append", block)  # the block joins the cache causally
 
 
+def _keep_verified(
+    run: _Run, start: int, block: torch.Tensor, verify_logits: torch.Tensor
+) -> tuple[int, int, bool]:
+    """Exact-match verification of ``block`` (written to the cache from ``start``) by its causal logits:
+    keeps the drafts up to the first mismatch, emits them and the AR token there (the bonus), crops the
+    cache to the seed and the kept drafts. Returns (kept drafts, bonus token, decoding over?)."""
+    ar, _ = run.sample(verify_logits)  # ar[i] proposes block[i+1]
+    accepted = int((ar[:-1] == block[1:]).long().cumprod(0).sum())
+    run.out.accepted.append(accepted)
+    run.cache.crop(start + accepted + 1)
+    return accepted, int(ar[accepted]), run.emit(ar[: accepted + 1].tolist())
+
+
 class SelfSpeculativeDecoder(Decoder):
     def __init__(self, block_length: int, draft_threshold: float = 0.0):
         """``draft_threshold`` 0 fills every mask in one draft pass; higher values draft iteratively."""
@@ -249,13 +262,11 @@ class SelfSpeculativeDecoder(Decoder):
         while True:
             start = run.cache.length
             block = _fill(run, "draft", seed, self.block_length, self.rule)
-            ar, _ = run.sample(run.step("verify", block, causal(), write=True))  # ar[i] proposes block[i+1]
-            accepted = int((ar[:-1] == block[1:]).long().cumprod(0).sum())
-            run.out.accepted.append(accepted)
-            run.cache.crop(start + accepted + 1)  # the seed and the accepted drafts
-            seed = ar[accepted : accepted + 1]
-            if run.emit(ar[: accepted + 1].tolist()):
+            logits = run.step("verify", block, causal(), write=True)
+            _, bonus, done = _keep_verified(run, start, block, logits)
+            if done:
                 return
+            seed = torch.tensor([bonus])
 
 
 class FusedSelfSpeculativeDecoder(Decoder):
@@ -301,11 +312,8 @@ class FusedSelfSpeculativeDecoder(Decoder):
                 write=True,
                 positions=speculate_fused_positions(start, D),
             )
-            ar, _ = run.sample(logits[:D])  # ar[i] proposes block[i+1]
-            accepted = int((ar[:-1] == block[1:]).long().cumprod(0).sum())
-            run.out.accepted.append(accepted)
-            run.cache.crop(start + accepted + 1)  # the seed and the kept drafts; pre-drafts dropped
-            if run.emit(ar[: accepted + 1].tolist()):
+            accepted, bonus, done = _keep_verified(run, start, block, logits[:D])  # pre-drafts cropped
+            if done:
                 return
             block, _ = run.sample(logits[D + accepted * D : D + (accepted + 1) * D])
-            block[0] = ar[accepted]
+            block[0] = bonus
