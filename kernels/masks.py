@@ -125,11 +125,13 @@ def speculate_fused(block_start: int, block: int) -> MaskMod:
     return _named(mask_mod, f"speculate_fused_s{block_start}_b{block}")
 
 
-def speculate_fused_positions(block_start: int, block: int) -> torch.Tensor:
+def speculate_fused_positions(
+    block_start: int, block: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """RoPE positions of ``speculate_fused``'s slots from ``block_start`` on: the draft block at
     ``block_start + i``; slot j of pre-draft block k right after draft token k, at
     ``block_start + k + 1 + j``."""
-    slots = torch.arange(block)
+    slots = torch.arange(block, device=device)
     predraft = (slots[:, None] + 1 + slots[None, :]).flatten()
     return block_start + torch.cat([slots, predraft])
 

@@ -24,9 +24,10 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from torch.nn.attention.flex_attention import BlockMask
 
-from kernels import flex
+from kernels import flex, masks
+from kernels.masks import MaskMod
 from model import rope
-from model.config import ModelConfig
+from model.config import AttentionBackend, ConfigError, ModelConfig
 
 
 @dataclass
@@ -64,6 +65,39 @@ def attention_inputs(
             position_ids, config.rope.llama_4_scaling_beta, config.rope.original_max_position_embeddings
         ).to(dtype)
     return AttentionInputs(mask=mask, cos=cos, sin=sin, query_scale=scale)
+
+
+def resolve_backend(backend: AttentionBackend, device: torch.device) -> AttentionBackend:
+    """The attention backend for a model on ``device``: ``auto`` is flex on CUDA, dense SDPA elsewhere."""
+    if backend is AttentionBackend.auto:
+        return AttentionBackend.flex if device.type == "cuda" else AttentionBackend.sdpa
+    if backend is AttentionBackend.flex and device.type != "cuda":
+        raise ConfigError(
+            "model.attention_backend=flex cannot train on CPU (flex attention has no CPU backward); "
+            "use model.attention_backend=sdpa or auto"
+        )
+    return backend
+
+
+def realise(
+    config: ModelConfig,
+    position_ids: torch.Tensor,
+    predicate: MaskMod,
+    backend: AttentionBackend,
+    per_sample: bool,
+    dtype: torch.dtype = torch.float32,
+) -> AttentionInputs:
+    """The mask of ``predicate`` and the rotary tables of ``position_ids`` [B, S], on the device of
+    ``position_ids`` (the model's, after ``ModelInputs.to``). ``per_sample``: the predicate reads
+    per-row data (document ids), so the mask has a batch dimension; otherwise one mask serves all rows
+    (and flex builds its BlockMask once per shape)."""
+    batch, S = position_ids.shape
+    device = position_ids.device
+    if backend is AttentionBackend.flex:
+        mask = flex.block_mask(predicate, S, S, batch_size=batch if per_sample else None, device=device)
+    else:
+        mask = masks.dense(predicate, S, S, batch_size=batch if per_sample else 1, device=device)
+    return attention_inputs(config, position_ids, mask, dtype)
 
 
 class CoreAttention(MegatronModule):

@@ -16,12 +16,17 @@ What it patches (all process-wide, CPU-only):
 
 The factory wrappers are installed after torch's ``torch.device(...)`` context has cached its set of
 the real factories, so that context (``"meta"`` in transformers' ``from_pretrained``) still applies.
+
+``disable()`` puts every patched attribute back, and ``patched()`` / ``unpatched()`` scope either state
+to a ``with`` block, so a test can run code exactly as a CUDA machine would see it (the device-strict
+tests switch the patches off: they are what would hide a tensor created on the wrong device).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.utils._device
@@ -47,6 +52,8 @@ _FACTORIES = (
     "empty_strided",
 )
 _enabled = False
+# (owner, attribute) -> the original value, filled by enable() and emptied by disable().
+_originals: dict[tuple[object, str], object] = {}
 
 
 def _is_cuda(device) -> bool:
@@ -67,7 +74,7 @@ def _cpu_factory(factory):
     return build
 
 
-class _NullStream:
+class NullStream:
     """Stands in for a CUDA stream: waiting and synchronising are no-ops on CPU. A class (not a
     function), because other libraries use ``torch.cuda.Stream`` in type annotations."""
 
@@ -98,6 +105,11 @@ def _tensor_type(original):
     return type_
 
 
+def _patch(owner, name: str, value) -> None:
+    _originals.setdefault((owner, name), getattr(owner, name))
+    setattr(owner, name, value)
+
+
 def enable() -> bool:
     """Patch the CUDA-only calls megatron.core makes; a no-op when CUDA is available.
 
@@ -111,31 +123,64 @@ def enable() -> bool:
     # in a cached set; fill it with the real ones first, or models built later get garbage buffers.
     torch.utils._device._device_constructors()
     for name in _FACTORIES:
-        setattr(torch, name, _cpu_factory(getattr(torch, name)))
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    torch.Tensor.type = _tensor_type(torch.Tensor.type)
+        _patch(torch, name, _cpu_factory(getattr(torch, name)))
+    _patch(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+    _patch(torch.Tensor, "type", _tensor_type(torch.Tensor.type))
 
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *args, **kwargs: None
-    torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
-    torch.cuda.default_stream = lambda *args, **kwargs: _NullStream()
-    torch.cuda.Stream = _NullStream
-    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
-    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    _patch(torch.cuda, "current_device", lambda: "cpu")
+    _patch(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    _patch(torch.cuda, "current_stream", lambda *args, **kwargs: NullStream())
+    _patch(torch.cuda, "default_stream", lambda *args, **kwargs: NullStream())
+    _patch(torch.cuda, "Stream", NullStream)
+    _patch(torch.cuda, "stream", lambda *args, **kwargs: contextlib.nullcontext())
+    _patch(torch.cuda, "get_rng_state", lambda *args, **kwargs: torch.get_rng_state())
+    _patch(torch.cuda, "set_rng_state", lambda state, *args, **kwargs: torch.set_rng_state(state))
     # megatron seeds its tracked CUDA generators through these; the tracker then saves and
     # restores the CPU generator around each use, so the seeded streams stay reproducible.
     # (torch.manual_seed itself calls torch.cuda.manual_seed_all, which must stay a no-op.)
-    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    torch.cuda.manual_seed_all = lambda seed: None
+    _patch(torch.cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
+    _patch(torch.cuda, "manual_seed_all", lambda seed: None)
 
     from megatron.core.tensor_parallel import random as megatron_random
 
-    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
-    megatron_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    _patch(megatron_random, "_get_cuda_rng_state", lambda *args, **kwargs: torch.get_rng_state())
+    _patch(megatron_random, "_set_cuda_rng_state", lambda state, *args, **kwargs: torch.set_rng_state(state))
     _enabled = True
     return True
 
 
+def disable() -> None:
+    """Undo ``enable()``: every patched attribute gets its original back. Idempotent."""
+    global _enabled
+    while _originals:
+        (owner, name), value = _originals.popitem()
+        setattr(owner, name, value)
+    _enabled = False
+
+
 def is_enabled() -> bool:
     return _enabled
+
+
+@contextlib.contextmanager
+def patched() -> Iterator[bool]:
+    """The patches for the ``with`` block (yields whether they are active), then the state before."""
+    was_enabled = _enabled
+    active = enable()
+    try:
+        yield active
+    finally:
+        if not was_enabled:
+            disable()
+
+
+@contextlib.contextmanager
+def unpatched() -> Iterator[None]:
+    """No patches for the ``with`` block, then the state before."""
+    was_enabled = _enabled
+    disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            enable()

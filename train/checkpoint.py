@@ -31,6 +31,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from train.distributed import collective_device
+
 log = logging.getLogger("tandem.checkpoint")
 
 
@@ -212,7 +214,8 @@ def _broadcast_path(path: Path | None) -> Path | None:
 
 
 def _all_ok(ok: bool) -> bool:
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    """True when every rank says ``ok``; collective (its flag lives where the group's backend needs it)."""
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=collective_device())
     dist.all_reduce(flag)
     return flag.item() == 0
 

@@ -104,6 +104,14 @@ def init_distributed(cfg: TrainConfig) -> World:
     )
 
 
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where tensors for a collective on ``group`` (default: the world) must live: the current CUDA
+    device for an NCCL group, the CPU for gloo."""
+    if "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def shutdown() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -31,17 +31,16 @@ from omegaconf import OmegaConf
 
 from data.dataset import build_datasets, check_data, collate
 from data.tokenizer import load_tokenizer_info
-from kernels import flex, masks
-from model.attention import attention_inputs
-from model.config import AttentionBackend, ConfigError, Dtype
+from model.attention import resolve_backend
+from model.config import Dtype
 from model.megatron import TORCH_DTYPES, backend_notice, build_model
 from train import checkpoint as ckpt
+from train import step as model_step
 from train.config import TrainConfig, to_yaml
-from train.distributed import World, init_distributed, shutdown
+from train.distributed import World, collective_device, init_distributed, shutdown
 from train.flops import block_diffusion_pairs, causal_pairs, gpu_peak_flops, training_flops_per_sample
 from train.logger import MetricsLogger
-from train.masking import mask_seed
-from train.objectives import CausalLM, ModelInputs, build_objective, reduce
+from train.objectives import CausalLM, ModelInputs, build_objective
 from train.schedule import lr_at
 
 log = logging.getLogger("tandem")
@@ -70,21 +69,15 @@ class _Signals:
         self.received = signum
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int64, device=_comm_device())
+        flag = torch.tensor(
+            [1 if self.received is not None else 0], dtype=torch.int64, device=collective_device()
+        )
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _comm_device() -> torch.device:
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
 
 
 class Trainer:
@@ -110,14 +103,13 @@ class Trainer:
         )
         check_data(cfg.data, cfg.model.vocab_size, mask_id)
         self.objective = build_objective(cfg.objective, mask_id)
-        self.backend = cfg.model.attention_backend
-        if self.backend is AttentionBackend.auto:
-            self.backend = AttentionBackend.flex if torch.cuda.is_available() else AttentionBackend.sdpa
-        if self.backend is AttentionBackend.flex and not torch.cuda.is_available():
-            raise ConfigError(
-                "model.attention_backend=flex cannot train on CPU (flex attention has no CPU backward); "
-                "use model.attention_backend=sdpa or auto"
-            )
+        self.step_context = model_step.StepContext(
+            model=cfg.model,
+            device=world.device,
+            backend=resolve_backend(cfg.model.attention_backend, world.device),
+            dtype=self.dtype,
+            seed=cfg.seed,
+        )
         self.models = self._build_models()
         self.optimizer = self._build_optimizer()
         self.state = ckpt.TrainState()
@@ -223,51 +215,22 @@ class Trainer:
 
     # ---- one step ---------------------------------------------------------------------------
 
-    def _attention(self, inputs: ModelInputs):
-        S, batch = inputs.tokens.shape[1], inputs.tokens.shape[0]
-        data_dependent = masks.cache_key(inputs.mask_mod) is None
-        if self.backend is AttentionBackend.flex:
-            mask = flex.block_mask(
-                inputs.mask_mod, S, S, batch_size=batch if data_dependent else None, device=self.world.device
-            )
-        else:
-            mask = masks.dense(
-                inputs.mask_mod, S, S, batch_size=batch if data_dependent else 1, device=self.world.device
-            )
-        return attention_inputs(self.cfg.model, inputs.position_ids, mask, self.dtype)
-
     def _forward_step(self, split: str, step: int, data_iterator, model):
         micro_index, (batch, sample_ids) = next(data_iterator)
-        generators = [torch.Generator().manual_seed(mask_seed(self.cfg.seed, split, i)) for i in sample_ids]
-        inputs = self.objective.prepare(batch, generators)
-        device = self.world.device
-        tokens = inputs.tokens.to(device)
-        labels = inputs.labels.to(device)
-        output = model(
-            tokens,
-            inputs.position_ids.to(device),
-            None,
-            labels=labels,
-            packed_seq_params=self._attention(inputs),
+        output, inputs = model_step.forward(
+            self.step_context, self.objective, model, batch, split, sample_ids
         )
         return output, partial(self._loss, split, step, micro_index, sample_ids, inputs)
 
     def _loss(self, split, step, micro_index, sample_ids, inputs: ModelInputs, per_token_ce: torch.Tensor):
-        reduced = reduce(per_token_ce, _to(inputs, per_token_ce.device))
-        if not torch.isfinite(reduced.loss_sum):
+        loss_sum, num_tokens, metrics = model_step.metrics(inputs, per_token_ce)
+        if not torch.isfinite(loss_sum):
             raise FloatingPointError(
-                f"non-finite {split} loss ({reduced.loss_sum.item()}) at step {step + 1}, "
+                f"non-finite {split} loss ({loss_sum.item()}) at step {step + 1}, "
                 f"micro-batch {micro_index} (samples {sample_ids[0]}..{sample_ids[-1]}, rank "
                 f"{self.world.rank}); lower optim.lr or check the data of these samples"
             )
-        metrics = {"loss_sum": reduced.loss_sum.detach().clone(), "num_tokens": reduced.num_tokens.float()}
-        for name in reduced.sums:
-            metrics[f"{name}_sum"] = reduced.sums[name]
-            metrics[f"{name}_count"] = reduced.counts[name].float()
-        if reduced.masked_ce_sum is not None:
-            metrics["masked_ce_sum"] = reduced.masked_ce_sum
-            metrics["maskable_count"] = inputs.maskable.float()
-        return reduced.loss_sum, reduced.num_tokens.to(torch.int), metrics
+        return loss_sum, num_tokens, metrics
 
     def _run_batches(self, split: str, step: int, batches: list, forward_only: bool) -> dict[str, float]:
         """``batches``: this rank's micro-batches, each (Batch, global sample ids)."""
@@ -293,11 +256,12 @@ class Trainer:
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
         keys = names[0]
-        totals = torch.zeros(len(keys), dtype=torch.float64, device=_comm_device())
+        group = parallel_state.get_data_parallel_group()
+        totals = torch.zeros(len(keys), dtype=torch.float64, device=collective_device(group))
         for output in outputs:
             for i, key in enumerate(keys):
                 totals[i] += output[key].double().to(totals.device)
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(totals, group=group)
         dist.broadcast(
             totals,
             src=parallel_state.get_pipeline_model_parallel_last_rank(),
@@ -361,16 +325,6 @@ def summarise(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _to(inputs: ModelInputs, device: torch.device) -> ModelInputs:
-    if device.type == "cpu":
-        return inputs
-    terms = {k: type(t)(t.weights.to(device), t.scale) for k, t in inputs.terms.items()}
-    masked = inputs.masked.to(device) if inputs.masked is not None else None
-    return ModelInputs(
-        inputs.tokens, inputs.position_ids, inputs.labels, inputs.mask_mod, terms, masked, inputs.maskable
-    )
-
-
 class BatchSampler:
     """Deterministic global batches: the batch after ``consumed`` samples holds global samples
     [consumed, consumed + GBS); data-parallel rank r takes its contiguous slice, cut into micro-batches.
@@ -426,7 +380,9 @@ def run(cfg: TrainConfig) -> RunResult:
 
 def _init_rerun_state_machine() -> None:
     """megatron.core's schedules ask for the rerun state machine; created here, disabled, it stays
-    quiet instead of warning about an implicit initialisation on the first step."""
+    quiet instead of warning about an implicit initialisation on the first step. Idempotent."""
+    if getattr(rerun_state_machine, "_GLOBAL_RERUN_STATE_MACHINE", None) is not None:
+        return
     rerun_logger = logging.getLogger(rerun_state_machine.__name__)
     level = rerun_logger.level
     rerun_logger.setLevel(logging.ERROR)

@@ -1,7 +1,10 @@
 """Training objectives: what the model is fed and how each token's cross-entropy is weighted.
 
 An objective turns a data batch into ``ModelInputs``: the token sequence, its positions, the label of
-every position, the attention predicate, and named ``LossTerm``s (per-token weights and a scale).
+every position, the attention predicate (and the document ids it is restricted by), and named
+``LossTerm``s (per-token weights and a scale). The batch and the objective's work stay on the CPU (the
+data side); ``ModelInputs.to(device)`` is the one place where all of it moves to the model's device,
+and the mask and rotary tables are realised from the moved tensors.
 The model's vocab-parallel cross-entropy over all positions is then reduced the same way for every
 objective (``reduce``):
 
@@ -15,6 +18,7 @@ Legend: B batch, L clean length, S model sequence (L or 2L).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,11 +53,41 @@ class ModelInputs:
     tokens: torch.Tensor  # [B, S]
     position_ids: torch.Tensor  # [B, S]
     labels: torch.Tensor  # [B, S]
-    mask_mod: MaskMod  # the attention predicate over S (True = may attend)
+    mask_mod: MaskMod  # the objective's attention predicate over S (True = may attend), data-independent
+    # With packed documents: the document of every position [B, S]; attention stays inside it.
+    document_ids: torch.Tensor | None = None
     terms: dict[str, LossTerm] = field(default_factory=dict)
     # Diffusion bookkeeping for metrics: the masked positions, and how many tokens could be masked.
     masked: torch.Tensor | None = None  # [B, S] bool
     maskable: torch.Tensor | None = None  # scalar
+
+    @property
+    def per_sample_mask(self) -> bool:
+        """True when the mask differs between rows of the batch (document masks)."""
+        return self.document_ids is not None
+
+    def predicate(self) -> MaskMod:
+        """The whole attention predicate, reading the document ids where they are (their device)."""
+        if self.document_ids is None:
+            return self.mask_mod
+        return masks.and_masks(self.mask_mod, masks.same_document(self.document_ids))
+
+    def to(self, device: torch.device) -> ModelInputs:
+        """Every tensor on ``device``: the one boundary between the data side and the model."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(
+            self,
+            tokens=move(self.tokens),
+            position_ids=move(self.position_ids),
+            labels=move(self.labels),
+            document_ids=move(self.document_ids),
+            terms={name: LossTerm(move(term.weights), term.scale) for name, term in self.terms.items()},
+            masked=move(self.masked),
+            maskable=move(self.maskable),
+        )
 
 
 @dataclass
@@ -76,17 +110,16 @@ def reduce(per_token_ce: torch.Tensor, inputs: ModelInputs) -> Reduced:
         loss_sum = loss_sum + term.scale * weighted
         sums[name] = weighted.detach()
         counts[name] = term.count
-    num_tokens = sum(counts.values(), torch.zeros((), dtype=torch.long))
+    num_tokens = sum(counts.values(), torch.zeros((), dtype=torch.long, device=ce.device))
     masked_ce = None
     if inputs.masked is not None:
         masked_ce = torch.where(inputs.masked, ce, torch.zeros_like(ce)).sum().detach()
     return Reduced(loss_sum, num_tokens, sums, counts, masked_ce)
 
 
-def _document_mask(mask_mod: MaskMod, document_ids: torch.Tensor | None, copies: int) -> MaskMod:
-    if document_ids is None:
-        return mask_mod
-    return masks.and_masks(mask_mod, masks.same_document(torch.cat([document_ids] * copies, dim=1)))
+def _documents(document_ids: torch.Tensor | None, copies: int) -> torch.Tensor | None:
+    """Document ids over the model sequence (``copies`` halves of the clean length)."""
+    return None if document_ids is None else torch.cat([document_ids] * copies, dim=1)
 
 
 class CausalLM:
@@ -100,7 +133,8 @@ class CausalLM:
             tokens=batch.tokens,
             position_ids=batch.position_ids,
             labels=batch.labels,
-            mask_mod=_document_mask(masks.causal(), batch.document_ids, copies=1),
+            mask_mod=masks.causal(),
+            document_ids=_documents(batch.document_ids, copies=1),
             terms={"ar": LossTerm(batch.loss_mask.float(), self.ar_weight)},
         )
 
@@ -144,9 +178,8 @@ class BlockDiffusion:
             position_ids=torch.cat([batch.position_ids, batch.position_ids], dim=1),
             # Noisy half: the token at the same position. Clean half: the next token.
             labels=torch.cat([tokens, batch.labels], dim=1),
-            mask_mod=_document_mask(
-                masks.block_diffusion(L, self.block_size, self.clean_attention), batch.document_ids, copies=2
-            ),
+            mask_mod=masks.block_diffusion(L, self.block_size, self.clean_attention),
+            document_ids=_documents(batch.document_ids, copies=2),
             terms=terms,
             masked=torch.cat([masked, torch.zeros_like(masked)], dim=1),
             maskable=(batch.loss_mask > 0).sum(),

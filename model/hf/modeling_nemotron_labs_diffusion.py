@@ -315,7 +315,14 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         mask_id = self.config.mask_token_id if mask_token_id is None else mask_token_id
         with torch.no_grad():
             decoded: Decoded = decoder.decode(
-                self._step, prompt, max_new_tokens, mask_id, eos_ids, temperature, generator
+                self._step,
+                prompt,
+                max_new_tokens,
+                mask_id,
+                eos_ids,
+                temperature,
+                generator,
+                device=self.diffusion_head.weight.device,
             )
         ids = torch.tensor([prompt + decoded.tokens], dtype=torch.long, device=prompt_ids.device)
         self.last_decoded = decoded  # passes by kind and accepted drafts, for benchmarks

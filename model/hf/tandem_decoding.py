@@ -19,8 +19,10 @@ keys/values are appended when ``write``. Every call is one forward pass and coun
 - ``FusedSelfSpeculativeDecoder``: the same verification, with the next block's draft computed in
   the verify pass itself for every possible outcome (one pass per iteration instead of two).
 
-The mask token is never emitted (its logit is set to -inf before choosing). Imports nothing outside
-torch and its sibling ``tandem_masks`` (copied into the export folder).
+The mask token is never emitted (its logit is set to -inf before choosing). Every tensor a decoder
+makes is created on the model's device (``device`` of ``decode``), where the logits and the cache
+are; a sampling generator must live there too. Imports nothing outside torch and its sibling
+``tandem_masks`` (copied into the export folder).
 """
 
 from __future__ import annotations
@@ -97,10 +99,14 @@ class Sampler:
 
 
 class _Run:
-    """Book-keeping of one decode: the cache, pass counting, EOS and length limits."""
+    """Book-keeping of one decode: the cache, pass counting, EOS and length limits, and the device
+    every tensor of the decode is made on."""
 
-    def __init__(self, step: Step, max_new_tokens: int, eos_token_ids: set[int], sample: Sampler):
+    def __init__(
+        self, step: Step, max_new_tokens: int, eos_token_ids: set[int], sample: Sampler, device: torch.device
+    ):
         self.step_fn = step
+        self.device = device
         self.max_new_tokens = max_new_tokens
         self.eos = eos_token_ids
         self.sample = sample
@@ -115,7 +121,7 @@ class _Run:
         write: bool,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        ids = torch.as_tensor(tokens, dtype=torch.long).view(1, -1)
+        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
         self.out.nfe += 1
         self.out.passes[kind] = self.out.passes.get(kind, 0) + 1
         return self.step_fn(ids, self.cache, mask_mod, write, positions)[0]  # [S, V]
@@ -146,8 +152,16 @@ class Decoder:
         eos: set[int],
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
     ) -> Decoded:
-        run = _Run(step, max_new_tokens, eos, Sampler(mask_id, temperature, generator))
+        """``device``: the model's (logits, cache); ``generator`` (sampling) must be on it."""
+        device = torch.device(device)
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(
+                f"the sampling generator is on {generator.device} but the model is on {device}; create it "
+                "there: torch.Generator(device=model.device)"
+            )
+        run = _Run(step, max_new_tokens, eos, Sampler(mask_id, temperature, generator), device)
         self.start(run, prompt)
         return run.out
 
@@ -198,7 +212,7 @@ def _fill(run: _Run, kind: str, seed: torch.Tensor, length: int, rule) -> torch.
     """The block ``[seed, MASK x (length-1)]`` filled by bidirectional passes over cache + block (no
     cache write), committing masked slots by ``rule`` until none is left."""
     mask_id = run.sample.mask_id
-    block = torch.full((length,), mask_id, dtype=torch.long)
+    block = torch.full((length,), mask_id, dtype=torch.long, device=run.device)
     block[0] = seed[0]
     masked = block == mask_id
     start = run.cache.length
@@ -266,7 +280,7 @@ class SelfSpeculativeDecoder(Decoder):
             _, bonus, done = _keep_verified(run, start, block, logits)
             if done:
                 return
-            seed = torch.tensor([bonus])
+            seed = torch.tensor([bonus], device=run.device)
 
 
 class FusedSelfSpeculativeDecoder(Decoder):
@@ -302,7 +316,7 @@ class FusedSelfSpeculativeDecoder(Decoder):
 
     def speculate(self, run: _Run, block: torch.Tensor) -> None:
         D, mask_id = self.block_length, run.sample.mask_id
-        predraft_masks = torch.full((D * D,), mask_id, dtype=torch.long)
+        predraft_masks = torch.full((D * D,), mask_id, dtype=torch.long, device=run.device)
         while True:
             start = run.cache.length
             logits = run.step(
@@ -310,7 +324,7 @@ class FusedSelfSpeculativeDecoder(Decoder):
                 torch.cat([block, predraft_masks]),
                 speculate_fused(start, D),
                 write=True,
-                positions=speculate_fused_positions(start, D),
+                positions=speculate_fused_positions(start, D, device=run.device),
             )
             accepted, bonus, done = _keep_verified(run, start, block, logits[:D])  # pre-drafts cropped
             if done:

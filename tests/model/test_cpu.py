@@ -134,3 +134,16 @@ def test_torch_device_context_still_applies_after_the_patches():
         "    assert torch.tensor([1.0]).is_meta and torch.arange(4).is_meta and torch.zeros(2).is_meta\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_the_patches_can_be_scoped_and_undone(megatron_single):
+    assert cpu.is_enabled()
+    patched_zeros = torch.zeros
+    with cpu.unpatched():
+        assert not cpu.is_enabled() and torch.zeros is not patched_zeros
+        with pytest.raises((RuntimeError, AssertionError)):  # a CPU build cannot make CUDA tensors
+            torch.zeros(1, device="cuda")
+        with cpu.patched() as active:
+            assert active and torch.zeros(1, device="cuda").device.type == "cpu"
+        assert not cpu.is_enabled()
+    assert cpu.is_enabled() and torch.zeros(1, device="cuda").device.type == "cpu"

@@ -167,7 +167,9 @@ def test_nld_training_call_returns_the_trainers_loss(exported, hf_model):
             inputs.position_ids,
             None,
             labels=inputs.labels,
-            packed_seq_params=attention_inputs(cfg, inputs.position_ids, masks.dense(inputs.mask_mod, S, S)),
+            packed_seq_params=attention_inputs(
+                cfg, inputs.position_ids, masks.dense(inputs.predicate(), S, S)
+            ),
         )
     reduced = reduce(per_token, inputs)
     with torch.no_grad():

@@ -99,7 +99,7 @@ def test_document_ids_add_a_document_mask_over_both_halves():
     batch = hand_batch()
     batch.document_ids = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])
     inputs = Joint(FixedMasking(), mask_token_id=MASK, block_size=2).prepare(batch, generators(2))
-    dense = masks.dense(inputs.mask_mod, 8, 8, batch_size=2)[:, 0]
+    dense = masks.dense(inputs.predicate(), 8, 8, batch_size=2)[:, 0]
     # Row 0: noisy block 1 (doc 1) may not see clean block 0 (doc 0).
     assert not dense[0, 2:4, 4:6].any()
     assert dense[1, 2:4, 4:6].all()

@@ -21,16 +21,11 @@ import pytest
 import torch
 
 from tests.conftest import REPO, free_port
+from tests.factories import SMALL_MODEL
 
 # A small model on the demo data: fast steps, same code path as the quickstart.
 SMALL = [
-    "model.num_layers=2",
-    "model.hidden_size=64",
-    "model.ffn_hidden_size=128",
-    "model.num_attention_heads=4",
-    "model.num_query_groups=2",
-    "data.seq_length=64",
-    "objective.block_size=16",
+    *SMALL_MODEL,
     "global_batch_size=8",
     "micro_batch_size=4",
     "logging.interval=1",

@@ -1,0 +1,97 @@
+"""The exported model's decoders on the simulated accelerator (tests/device_strict.py): every mode,
+greedy and sampled, with the model, the prompt and the sampling generator on the device, must decode
+without mixing devices, and give exactly the tokens and pass counts the same model gives on the CPU
+(the CPU run is the reference for the values)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from model.hf.configuration_nemotron_labs_diffusion import NemotronLabsDiffusionConfig
+from model.hf.modeling_nemotron_labs_diffusion import NemotronLabsDiffusionModel
+from tests.device_strict import GPU, simulated_gpu, to_host
+
+MODES = {
+    "ar": ("ar_generate", {}),
+    "diffusion": ("generate", {"block_length": 4, "threshold": 0.3}),
+    "diffusion_steps": ("generate", {"block_length": 4, "threshold": None, "steps": 2}),
+    "self_spec": ("linear_spec_generate", {"block_length": 4}),
+    "self_spec_iterative_draft": ("linear_spec_generate", {"block_length": 4, "threshold": 0.5}),
+    "self_spec_fused": ("fused_spec_generate", {"block_length": 4}),
+}
+PROMPT = [1, 17, 40, 9, 33]
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = NemotronLabsDiffusionConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        mask_token_id=3,
+        block_size=4,
+        qk_layernorm=True,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "llama_4_scaling_beta": 0.1,
+        },
+    )
+    torch.manual_seed(0)
+    return NemotronLabsDiffusionModel(config).eval()
+
+
+def decode(model, method: str, options: dict, temperature: float, device) -> tuple[list[int], int, dict]:
+    generator = torch.Generator(device=device).manual_seed(7) if temperature > 0 else None
+    ids, nfe = getattr(model, method)(
+        torch.tensor([PROMPT], device=device),
+        max_new_tokens=11,
+        temperature=temperature,
+        eos_token_id=[],
+        generator=generator,
+        **options,
+    )
+    assert ids.device == (GPU if device == "cuda" else torch.device("cpu"))
+    return to_host(ids)[0].tolist(), nfe, dict(model.last_decoded.passes)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_decodes_on_the_device_as_on_the_cpu(model, mode, temperature):
+    method, options = MODES[mode]
+    expected = decode(model, method, options, temperature, "cpu")
+    on_device = copy.deepcopy(model)
+    with simulated_gpu():
+        got = decode(on_device.cuda(), method, options, temperature, "cuda")
+    assert got == expected
+
+
+def test_the_nld_training_call_runs_on_the_device(model):
+    torch.manual_seed(1)
+    L = 8
+    clean = torch.randint(4, 64, (2, L))
+    masked = torch.rand(2, L) < 0.5
+    p = torch.full((2, 1), 0.5)
+    expected = model(clean, labels=clean, masked_indices=masked, p_mask=p, dlm_paradigm="block_diff").loss
+    on_device = copy.deepcopy(model)
+    with simulated_gpu():
+        out = on_device.cuda()(
+            clean.cuda(),
+            labels=clean.cuda(),
+            masked_indices=masked.cuda(),
+            p_mask=p.cuda(),
+            dlm_paradigm="block_diff",
+        )
+        out.loss.backward()
+        assert on_device.diffusion_head.weight.grad.device == GPU
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
