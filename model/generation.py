@@ -53,11 +53,15 @@ class Generation:
         }
 
 
-def load_export(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) of a Tandem/NLD export folder, offline; a clear error for anything else."""
+def load_export(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(model, tokenizer) of a Tandem/NLD export folder on ``device``, offline; a clear error for
+    anything else."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for but this machine has no CUDA; use --device cpu")
     hf_logging.disable_progress_bar()
     folder = Path(folder)
     config_file = folder / "config.json"
@@ -93,6 +97,7 @@ def decode(
             f"this export's remote code has no {MODES[mode]} (mode {mode!r}); it was written by an older "
             "Tandem: export the checkpoint again with scripts/export_hf.py --overwrite"
         )
+    prompt_ids = prompt_ids.to(model.device)
     start = time.perf_counter()
     out, nfe = getattr(model, MODES[mode])(prompt_ids, max_new_tokens=max_new_tokens, **options)
     seconds = time.perf_counter() - start

@@ -3,8 +3,12 @@ Tandem imports (Llama, Mistral, Ministral-3, Qwen3, and Nemotron-Labs-Diffusion 
 
 from __future__ import annotations
 
+import torch
+
 from model.config import ConfigError, ModelConfig, RopeConfig, RopeType
 
+# The weight dtypes an export is written or loaded in, by their Hugging Face names.
+HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ARCHITECTURE = "NemotronLabsDiffusionModel"
 MODEL_TYPE = "nemotron_labs_diffusion"
 AUTO_MAP = {

@@ -1,10 +1,12 @@
 """Decode a prompt with an exported model: ar, diffusion, self_spec or self_spec_fused.
 
     python scripts/generate.py --model exports/quickstart --mode self_spec --prompt "The river" \
-        --max-new-tokens 64 [--block-length 16] [--threshold 0.9] [--temperature 0] [--json]
+        --max-new-tokens 64 [--block-length 16] [--threshold 0.9] [--temperature 0] [--json] \
+        [--device cuda] [--dtype bfloat16]
 
 Prints the text, or with --json one object with text, ids, nfe, tpf (tokens per forward pass, every
-pass counted) and seconds.
+pass counted) and seconds. The model, the prompt and the sampling generator all live on --device
+(default: the GPU when there is one).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import sys
 
 import torch
 
-from model.generation import MODES, decode, encode_prompt, load_export
+from model.generation import MODES, Generation, decode, encode_prompt, load_export
+from model.hf_config import HF_DTYPES
 
 
-def main(argv: list[str]) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -41,22 +44,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N"
+    )
+    parser.add_argument("--dtype", default="float32", choices=sorted(HF_DTYPES))
     args = parser.parse_args(argv)
-    options: dict = {"temperature": args.temperature, "generator": torch.Generator().manual_seed(args.seed)}
-    if args.mode != "ar" and args.block_length is not None:
-        options["block_length"] = args.block_length
     if args.mode == "self_spec_fused" and args.threshold is not None:
         parser.error("--threshold does not apply to self_spec_fused (its drafts come from one pass)")
-    if args.mode != "ar" and args.threshold is not None:
-        options["threshold"] = args.threshold
-    if args.mode == "diffusion" and args.steps is not None:
-        options["steps"] = args.steps
-        options.setdefault("threshold", None)
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
     try:
-        model, tokenizer = load_export(args.model)
-        result = decode(
-            model, tokenizer, encode_prompt(tokenizer, args.prompt), args.mode, args.max_new_tokens, **options
-        )
+        model, tokenizer = load_export(args.model, dtype=HF_DTYPES[args.dtype], device=args.device)
+        result = generate(model, tokenizer, args)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -69,6 +71,21 @@ def main(argv: list[str]) -> int:
     else:
         print(result.text)
     return 0
+
+
+def generate(model, tokenizer, args: argparse.Namespace) -> Generation:
+    """Decode ``args.prompt`` as the command line asks, on the model's device."""
+    generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    options: dict = {"temperature": args.temperature, "generator": generator}
+    if args.mode != "ar" and args.block_length is not None:
+        options["block_length"] = args.block_length
+    if args.mode != "ar" and args.threshold is not None:
+        options["threshold"] = args.threshold
+    if args.mode == "diffusion" and args.steps is not None:
+        options["steps"] = args.steps
+        options.setdefault("threshold", None)
+    prompt = encode_prompt(tokenizer, args.prompt)
+    return decode(model, tokenizer, prompt, args.mode, args.max_new_tokens, **options)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, replace
 
 from model.config import ConfigError, Dtype, Fp8Recipe, ModelConfig, Recompute, RecomputeMethod
-from train.config import ObjectiveKind, TrainConfig, compose_config
+from train.config import Fp8Environment, ObjectiveKind, TrainConfig, compose_config
 from train.flops import PEAK_BF16, block_diffusion_pairs, causal_pairs, forward_flops
 
 GB = 1e9
@@ -30,16 +30,17 @@ class Gpu:
     name: str
     memory: float  # bytes of HBM (data sheet)
     peak_bf16: float  # dense bf16 tensor-core FLOP/s; FP8 GEMMs run at twice this
-    fp8_recipes: frozenset[Fp8Recipe]  # what Transformer Engine runs on this architecture
+    capability: tuple[int, int]  # CUDA compute capability (decides the FP8 recipes it runs)
+
+    @property
+    def fp8_environment(self) -> Fp8Environment:
+        return Fp8Environment(capability=self.capability, gpu_name=self.name)
 
 
-# Transformer Engine's support matrix: per-tensor (delayed, current) and block FP8 from Hopper on,
-# MXFP8 on Blackwell only.
-_HOPPER_FP8 = frozenset({Fp8Recipe.delayed, Fp8Recipe.tensorwise, Fp8Recipe.blockwise})
 GPUS = {
-    "B200": Gpu("B200", 180 * GB, PEAK_BF16["B200"], _HOPPER_FP8 | {Fp8Recipe.mxfp8}),
-    "H200": Gpu("H200", 141 * GB, PEAK_BF16["H200"], _HOPPER_FP8),
-    "H100": Gpu("H100", 80 * GB, PEAK_BF16["H100"], _HOPPER_FP8),
+    "B200": Gpu("B200", 180 * GB, PEAK_BF16["B200"], (10, 0)),
+    "H200": Gpu("H200", 141 * GB, PEAK_BF16["H200"], (9, 0)),
+    "H100": Gpu("H100", 80 * GB, PEAK_BF16["H100"], (9, 0)),
 }
 # The CUDA context, NCCL buffers and kernel workspaces take a few GB per GPU, and the caching allocator
 # fragments: a layout fits when the estimate plus OVERHEAD is at most USABLE of the GPU's memory.
@@ -162,35 +163,13 @@ def layout(cfg: TrainConfig) -> Layout:
             f"the interleaved pipeline schedule needs the micro-batches per DP rank ({micro_batches}) "
             f"to be a multiple of parallel.pipeline={pp}"
         )
-    tokens = model_tokens(cfg) * mbs
+    tokens = cfg.model_sequence_length * mbs
     if cfg.parallel.sequence_parallel and tokens % tp:
         raise ConfigError(
             f"sequence parallelism splits the {tokens} tokens of a micro-batch over parallel.tensor={tp} "
             "ranks; they must divide evenly"
         )
-    if cfg.precision.fp8 is not Fp8Recipe.none:
-        # FP8 GEMMs need every dimension aligned: 16 for per-tensor scaling, 32 for MXFP8 blocks.
-        align = 32 if cfg.precision.fp8 is Fp8Recipe.mxfp8 else 16
-        model = cfg.model
-        dims = {
-            "tokens per micro-batch": tokens // (tp if cfg.parallel.sequence_parallel else 1),
-            "model.hidden_size": model.hidden_size,
-            "model.ffn_hidden_size / TP": model.ffn_hidden_size // tp,
-            "attention width / TP": model.num_attention_heads * model.head_dim // tp,
-        }
-        for name, value in dims.items():
-            if value % align:
-                raise ConfigError(
-                    f"precision.fp8={cfg.precision.fp8.value} needs dimensions divisible by {align}; "
-                    f"{name} is {value}"
-                )
     return Layout(world=world, tp=tp, pp=pp, vp=vp, dp=dp, micro_batches=micro_batches)
-
-
-def model_tokens(cfg: TrainConfig) -> int:
-    """Positions one sample feeds the model: L for AR, 2L ([x_t ; x_0]) for the diffusion objectives."""
-    L = cfg.data.seq_length
-    return L if cfg.objective.kind is ObjectiveKind.ar else 2 * L
 
 
 def attention_pairs(cfg: TrainConfig) -> int:
@@ -281,7 +260,7 @@ def stage_memory(cfg: TrainConfig, shape: Layout, first: bool, last: bool) -> Me
         fp8_layers = max(0, layers - (2 * precision.fp8_bf16_first_last_layers) // shape.pp)
         fp8_weights = 2.0 * fp8_layers * layer_linear_parameters(model) / shape.tp
 
-    tokens = model_tokens(cfg) * cfg.micro_batch_size
+    tokens = cfg.model_sequence_length * cfg.micro_batch_size
     sp = parallel.sequence_parallel
     split_h = shape.tp if sp else 1
     full_layer = layer_activation_bytes(
@@ -347,7 +326,7 @@ class SampleFlops:
 def sample_flops(cfg: TrainConfig) -> SampleFlops:
     model, recompute = cfg.model, cfg.parallel.recompute
     pairs = attention_pairs(cfg)
-    parts = forward_flops(model, model_tokens(cfg), pairs)
+    parts = forward_flops(model, cfg.model_sequence_length, pairs)
     attention = model.num_layers * 2 * 2 * model.num_attention_heads * model.head_dim * pairs
     projections = parts["layers"] - attention
     passes = 3 + (1 if recompute is Recompute.full else 0)
@@ -408,11 +387,10 @@ def make_plan(cfg: TrainConfig, gpus: list[Gpu] | None = None, mfu: float = DEFA
     projections = []
     for gpu in gpus or list(GPUS.values()):
         problems = []
-        if cfg.precision.fp8 is not Fp8Recipe.none and cfg.precision.fp8 not in gpu.fp8_recipes:
-            able = ", ".join(g.name for g in GPUS.values() if cfg.precision.fp8 in g.fp8_recipes)
-            problems.append(
-                f"precision.fp8={cfg.precision.fp8.value} does not run on {gpu.name} (needs {able})"
-            )
+        try:
+            cfg.check_fp8(gpu.fp8_environment)  # the trainer's own check, against this GPU
+        except ConfigError as err:
+            problems.append(str(err))
         budget = USABLE * gpu.memory
         if memory.total > budget:
             problems.append(
@@ -444,7 +422,7 @@ def _si(value: float, unit: str = "") -> str:
 
 def report(plan: Plan) -> str:
     cfg, lay, params = plan.cfg, plan.layout, plan.parameters
-    L, tokens = cfg.data.seq_length, model_tokens(cfg)
+    L, tokens = cfg.data.seq_length, cfg.model_sequence_length
     lines = [
         f"model {cfg.model.name}: {params.total / 1e9:.3f} B parameters (embedding "
         f"{params.embedding / 1e6:.1f} M, {params.num_layers} layers x {params.layer / 1e6:.1f} M, output "

@@ -3,7 +3,7 @@
 import pytest
 
 from model.config import ConfigError
-from train.config import CONFIG_DIR, compose_config
+from train.config import CONFIG_DIR, FP8_MIN_TE, Fp8Environment, compose_config
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 
@@ -101,6 +101,22 @@ def test_command_line_overrides_reach_the_typed_config():
         (["data.seq_length=2048"], r"exceeds model\.max_position_embeddings=1024"),
         (["objective.mask_token_id=99999"], r"mask_token_id=99999 is outside the vocabulary"),
         (["precision.fp8=delayed"], r"precision\.fp8=delayed needs precision\.dtype=bf16"),
+        (
+            ["precision=fp8_delayed", "precision.fp8_bf16_first_last_layers=1"],
+            r"fp8_bf16_first_last_layers=1 does not work with precision\.fp8=delayed.*tensorwise",
+        ),
+        (
+            ["precision=fp8_current", "precision.fp8_bf16_first_last_layers=3", "parallel.pipeline=2"],
+            r"fp8_bf16_first_last_layers=3 exceeds the 2 layers of a pipeline stage",
+        ),
+        (
+            ["precision=fp8_current", "model.ffn_hidden_size=700"],
+            r"precision\.fp8=tensorwise needs GEMM dimensions divisible by 16; model\.ffn_hidden_size",
+        ),
+        (
+            ["precision=mxfp8", "model.hidden_size=272", "model.kv_channels=64"],
+            r"precision\.fp8=mxfp8 needs GEMM dimensions divisible by 32; model\.hidden_size is 272",
+        ),
         (["parallel.context=2"], r"parallel\.context=2"),
         (["parallel.sequence_parallel=true"], r"sequence_parallel=true needs parallel\.tensor > 1"),
         (
@@ -114,3 +130,46 @@ def test_command_line_overrides_reach_the_typed_config():
 def test_bad_configs_fail_at_once_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose_config(overrides)
+
+
+@pytest.mark.parametrize(
+    ("preset", "te_version", "capability", "message"),
+    [
+        (
+            "fp8_current",
+            "2.1.0",
+            None,
+            r"tensorwise needs Transformer Engine >= 2\.2, this environment has 2\.1",
+        ),
+        ("fp8_current", "2.2.0+5fdd7bb", None, None),
+        ("mxfp8", "2.1.0", (10, 0), None),
+        ("mxfp8", "2.8.0", (9, 0), r"mxfp8 does not run on .*compute capability 9\.0; it needs 10\.0"),
+        ("fp8_delayed", "1.13.0", None, r"delayed needs Transformer Engine >= 2\.0"),
+        ("fp8_delayed", None, (8, 0), r"delayed does not run on .*8\.0; it needs 8\.9"),
+        ("bf16", "1.0.0", (7, 0), None),
+    ],
+)
+def test_fp8_recipes_are_checked_against_transformer_engine_and_the_gpu(
+    preset, te_version, capability, message
+):
+    cfg = compose_config([f"precision={preset}"])
+    environment = Fp8Environment(te_version=te_version, capability=capability)
+    if message is None:
+        cfg.check_fp8(environment)
+    else:
+        with pytest.raises(ConfigError, match=message):
+            cfg.check_fp8(environment)
+
+
+def test_the_gpu_extra_asks_for_the_transformer_engine_every_recipe_needs():
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    extras = tomllib.loads((CONFIG_DIR.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    (te,) = [Requirement(r) for r in extras["gpu"] if r.startswith("transformer-engine")]
+    newest = max(FP8_MIN_TE.values(), key=Version)
+    assert any(spec.operator == ">=" and spec.version == newest for spec in te.specifier), te

@@ -9,6 +9,7 @@ type, a bad enum value or a key forced in with ``+key=`` fails before any work s
 from __future__ import annotations
 
 import enum
+import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
 from kernels.masks import CleanAttention
-from model.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from model.config import ConfigError, Fp8Recipe, ModelConfig, ParallelConfig, PrecisionConfig
 from train.masking import MaskingKind
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -146,6 +147,49 @@ class LaunchConfig:
     gpus_per_node: int = 0
 
 
+# The first Transformer Engine release that runs each FP8 recipe (megatron.core asks for the same).
+FP8_MIN_TE = {
+    Fp8Recipe.delayed: "2.0",
+    Fp8Recipe.mxfp8: "2.1",
+    Fp8Recipe.tensorwise: "2.2",
+    Fp8Recipe.blockwise: "2.3",
+}
+# The first compute capability with each recipe's FP8 GEMMs: per-tensor scaling from Ada/Hopper,
+# 1x128 blocks from Hopper, MXFP8 from Blackwell.
+FP8_MIN_CAPABILITY = {
+    Fp8Recipe.delayed: (8, 9),
+    Fp8Recipe.tensorwise: (8, 9),
+    Fp8Recipe.blockwise: (9, 0),
+    Fp8Recipe.mxfp8: (10, 0),
+}
+
+
+@dataclass(frozen=True)
+class Fp8Environment:
+    """What decides whether an FP8 recipe can run: the Transformer Engine release and the GPU."""
+
+    te_version: str | None = None  # None: Transformer Engine is not installed (not checked)
+    capability: tuple[int, int] | None = None  # None: no GPU to check against
+    gpu_name: str = "this GPU"
+
+    @classmethod
+    def here(cls) -> Fp8Environment:
+        """This machine's (read without CUDA initialisation beyond the device query, and before any
+        process group exists)."""
+        te_version = None
+        for name in ("transformer_engine", "transformer-engine"):
+            try:
+                te_version = importlib.metadata.version(name)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        import torch
+
+        if not torch.cuda.is_available():
+            return cls(te_version=te_version)
+        return cls(te_version, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
@@ -165,8 +209,16 @@ class TrainConfig:
     # Everything a run writes (logs, checkpoints, plots); shared by all ranks.
     run_dir: str = "runs/default"
 
-    def validate(self) -> None:
-        """Every group's own checks, then the checks that span groups."""
+    @property
+    def model_sequence_length(self) -> int:
+        """Positions one sample feeds the model: L for AR, 2L (``[x_t ; x_0]``) for the diffusion
+        objectives."""
+        L = self.data.seq_length
+        return L if self.objective.kind is ObjectiveKind.ar else 2 * L
+
+    def validate(self, environment: Fp8Environment | None = None) -> None:
+        """Every group's own checks, then the checks that span groups, then FP8 against
+        ``environment`` (default: this machine's Transformer Engine and GPU)."""
         for group in (self.model, self.objective, self.parallel, self.precision, self.optim):
             group.validate()
         try:
@@ -220,6 +272,67 @@ class TrainConfig:
             raise ConfigError(
                 f"objective.mask_token_id={self.objective.mask_token_id} is outside the vocabulary "
                 f"[0, model.vocab_size={model.vocab_size})"
+            )
+        self.check_fp8(environment if environment is not None else Fp8Environment.here())
+
+    def check_fp8(self, environment: Fp8Environment) -> None:
+        """The FP8 rules megatron.core and Transformer Engine enforce only once the model is built (after
+        the process groups are up): recipe vs BF16 first/last layers, layer counts, GEMM alignment, the
+        installed TE release and the GPU. The planner asks the same function about its target GPUs."""
+        precision, model, parallel = self.precision, self.model, self.parallel
+        recipe, edge_layers = precision.fp8, precision.fp8_bf16_first_last_layers
+        if edge_layers < 0:
+            raise ConfigError(f"precision.fp8_bf16_first_last_layers={edge_layers} must be >= 0")
+        if recipe is Fp8Recipe.none:
+            return
+        if edge_layers > 0 and recipe is Fp8Recipe.delayed:
+            raise ConfigError(
+                f"precision.fp8_bf16_first_last_layers={edge_layers} does not work with "
+                "precision.fp8=delayed (megatron.core keeps no BF16 layers under delayed scaling); use "
+                "precision.fp8=tensorwise or precision.fp8_bf16_first_last_layers=0"
+            )
+        per_stage = model.num_layers // parallel.pipeline
+        if edge_layers > per_stage:
+            raise ConfigError(
+                f"precision.fp8_bf16_first_last_layers={edge_layers} exceeds the {per_stage} layers of a "
+                f"pipeline stage (model.num_layers={model.num_layers} / "
+                f"parallel.pipeline={parallel.pipeline})"
+            )
+        # FP8 GEMMs need every dimension aligned: 16 for per-tensor and block scaling, 32 for MXFP8.
+        align = 32 if recipe is Fp8Recipe.mxfp8 else 16
+        tp = parallel.tensor
+        tokens = self.model_sequence_length * self.micro_batch_size
+        dims = {
+            "the tokens of a micro-batch per rank": tokens // (tp if parallel.sequence_parallel else 1),
+            "model.hidden_size": model.hidden_size,
+            "model.ffn_hidden_size / parallel.tensor": model.ffn_hidden_size // tp,
+            "the attention width (heads x head_dim) / parallel.tensor": model.num_attention_heads
+            * model.head_dim
+            // tp,
+        }
+        for name, value in dims.items():
+            if value % align:
+                raise ConfigError(
+                    f"precision.fp8={recipe.value} needs GEMM dimensions divisible by {align}; {name} is "
+                    f"{value}"
+                )
+        needed = FP8_MIN_TE[recipe]
+        if environment.te_version is not None:
+            from packaging.version import Version
+
+            if Version(environment.te_version).release < Version(needed).release:
+                raise ConfigError(
+                    f"precision.fp8={recipe.value} needs Transformer Engine >= {needed}, this environment "
+                    f"has {environment.te_version}; pip install 'transformer-engine[pytorch]>={needed}' or "
+                    "choose another precision.fp8"
+                )
+        wanted = FP8_MIN_CAPABILITY[recipe]
+        if environment.capability is not None and tuple(environment.capability) < wanted:
+            have = ".".join(map(str, environment.capability))
+            raise ConfigError(
+                f"precision.fp8={recipe.value} does not run on {environment.gpu_name} (compute capability "
+                f"{have}; it needs {wanted[0]}.{wanted[1]} or newer"
+                + (": Blackwell, e.g. B200)" if recipe is Fp8Recipe.mxfp8 else ": Hopper or newer)")
             )
 
 

@@ -56,18 +56,24 @@ def training_flops_per_sample(
     return total
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) by device name, from the vendors' data sheets.
+# Dense bf16 tensor-core peaks (FLOP/s) by device name, from the vendors' data sheets (SXM parts unless
+# named otherwise).
 PEAK_BF16 = {
-    "B200": 2.25e15,
     "GB200": 2.5e15,
+    "B200": 2.25e15,
+    "H200 NVL": 835e12,
     "H200": 989.4e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
     "H100": 989.4e12,
     "A100": 312e12,
 }
 
 
 def gpu_peak_flops(device_name: str, fp8: bool = False) -> float | None:
-    for key, peak in PEAK_BF16.items():
-        if key in device_name:
-            return peak * (2 if fp8 else 1)
-    return None
+    """The data-sheet peak of the GPU ``torch.cuda.get_device_name()`` names; the longest matching
+    name wins ("NVIDIA GB200" is a GB200, not a B200)."""
+    matches = [key for key in PEAK_BF16 if key in device_name]
+    if not matches:
+        return None
+    return PEAK_BF16[max(matches, key=len)] * (2 if fp8 else 1)

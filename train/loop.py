@@ -115,12 +115,13 @@ class Trainer:
         self.state = ckpt.TrainState()
         L = cfg.data.seq_length
         if isinstance(self.objective, CausalLM):
-            tokens, pairs = L, causal_pairs(L)
+            pairs = causal_pairs(L)
         else:
-            tokens = 2 * L
             pairs = block_diffusion_pairs(L, cfg.objective.block_size, cfg.objective.clean_attention)
-        self.model_tokens = tokens
-        self.flops_per_sample = training_flops_per_sample(cfg.model, tokens, pairs, cfg.parallel.recompute)
+        self.model_tokens = cfg.model_sequence_length
+        self.flops_per_sample = training_flops_per_sample(
+            cfg.model, self.model_tokens, pairs, cfg.parallel.recompute
+        )
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -187,6 +188,30 @@ class Trainer:
         """The unwrapped GPTModel chunks (what checkpoints hold)."""
         unwrapped = [m.module for m in self.models]
         return [m.module if isinstance(m, Float16Module) else m for m in unwrapped]
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def sync_params(self) -> None:
+        """Make every rank's parameters this step's. With ``parallel.overlap_param_gather`` the
+        distributed optimizer leaves the all-gather of updated parameter shards to the next forward
+        pass; a checkpoint (or export) taken before it would hold other ranks' shards one step stale."""
+        for model in self.models:
+            if getattr(model, "use_forward_hook", False):
+                model.disable_forward_pre_hook(param_sync=True)
+                model.enable_forward_pre_hook()
+
+    def save(self, config_yaml: str) -> Path:
+        """A checkpoint of the current state (collective); returns its folder."""
+        self.sync_params()
+        return ckpt.save(
+            self.checkpoint_dir,
+            self.modules,
+            self.optimizer,
+            self.state,
+            config_yaml,
+            self.cfg.checkpoint.keep,
+            tokenizer=Path(self.tokenizer.path),
+        )
 
     # ---- resume -----------------------------------------------------------------------------
 
@@ -431,16 +456,7 @@ def _run(cfg: TrainConfig, world: World, signals: _Signals) -> RunResult:
     result = RunResult(run_dir=run_dir, checkpoint_dir=trainer.checkpoint_dir, step=state.step)
 
     def save():
-        folder = ckpt.save(
-            trainer.checkpoint_dir,
-            trainer.modules,
-            trainer.optimizer,
-            state,
-            config_yaml,
-            cfg.checkpoint.keep,
-            tokenizer=Path(trainer.tokenizer.path),
-        )
-        logger.message(f"saved checkpoint {folder}")
+        logger.message(f"saved checkpoint {trainer.save(config_yaml)}")
 
     def validate():
         if cfg.logging.eval_iters > 0 and valid_set is not None:

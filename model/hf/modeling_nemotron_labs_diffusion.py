@@ -310,7 +310,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         lookahead: int = 1,
     ):
         prompt = self._check_prompt(prompt_ids, max_new_tokens, lookahead)
-        eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
+        eos = eos_token_id if eos_token_id is not None else getattr(self.config, "eos_token_id", None)
         eos_ids = set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
         mask_id = self.config.mask_token_id if mask_token_id is None else mask_token_id
         with torch.no_grad():

@@ -95,3 +95,30 @@ def test_the_nld_training_call_runs_on_the_device(model):
         out.loss.backward()
         assert on_device.diffusion_head.weight.grad.device == GPU
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for the command line's decode path, inside the tiny model's vocabulary."""
+
+    bos_token_id = 1
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [4 + ord(c) % 60 for c in text]}
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "self_spec", "self_spec_fused"])
+def test_the_command_line_samples_on_the_models_device(model, mode):
+    from scripts import generate as cli
+
+    def run(on, device: str) -> list[int]:
+        argv = ["--model", "-", "--mode", mode, "--prompt", "hello", "--max-new-tokens", "9"]
+        args = cli.parse_args([*argv, "--temperature", "0.8", "--seed", "3", "--device", device])
+        return cli.generate(on, CharTokenizer(), args).ids
+
+    expected = run(model, "cpu")
+    on_device = copy.deepcopy(model)
+    with simulated_gpu():
+        assert run(on_device.cuda(), "cuda") == expected

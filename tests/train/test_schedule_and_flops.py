@@ -9,7 +9,13 @@ from kernels import masks
 from kernels.masks import CleanAttention
 from model.config import ModelConfig, Recompute
 from train.config import LrSchedule, OptimConfig
-from train.flops import block_diffusion_pairs, causal_pairs, forward_flops, training_flops_per_sample
+from train.flops import (
+    block_diffusion_pairs,
+    causal_pairs,
+    forward_flops,
+    gpu_peak_flops,
+    training_flops_per_sample,
+)
 from train.schedule import lr_at
 
 
@@ -78,3 +84,21 @@ def test_joint_objective_costs_about_twice_ar_in_gemms():
     joint = training_flops_per_sample(cfg, 2 * L, block_diffusion_pairs(L, B, CleanAttention.causal))
     assert 1.9 < joint / ar < 2.2
     assert torch.tensor(joint).item() > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA GB200", 2.5e15),
+        ("NVIDIA B200", 2.25e15),
+        ("NVIDIA H100 80GB HBM3", 989.4e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA H200", 989.4e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_the_peak_is_the_named_gpus_own(name, peak):
+    assert gpu_peak_flops(name) == peak
+    assert gpu_peak_flops(name, fp8=True) == (None if peak is None else 2 * peak)
