@@ -1,17 +1,37 @@
-"""One short check for a lent GPU; installs nothing and reads nothing from a network.
+"""The one check for a first GPU: Tandem's real GPU paths, stage by stage, in about eight minutes.
 
-    python scripts/gpu_check.py                       # about 3-5 minutes on one H200
-    python scripts/gpu_check.py --size 14b --layers 2 --seq-length 2048
+    python scripts/gpu_check.py [--report gpu_check.json] [--size 8b --layers 4 --seq-length 4096]
+    python scripts/gpu_check.py --quick          # smaller shapes, about three minutes
+    python scripts/gpu_check.py --allow-cpu --quick   # a dress rehearsal on a CPU machine (tests)
 
-1. The matmul ceiling: the best bf16 (and FP8, where the GPU has it) GEMM rate measured here.
-2. Flex attention against a dense fp32 reference for the joint training mask over [x_t ; x_0],
-   forward and backward, beside bf16 SDPA with the same dense mask (the CPU path): flex must be as close
-   to the reference as SDPA is.
-3. The Megatron model as the trainer builds it, at a realistic layer shape (the 8B layer, fewer layers,
-   the full vocabulary), one forward and backward of a [x_t ; x_0] micro-batch: in bf16, and in FP8
-   where Transformer Engine is installed (current and delayed scaling; MXFP8 on Blackwell). Prints step
-   time, TFLOP/s (train.flops, the trainer's count) and MFU against the data sheet and the measured
-   ceiling. Exits 1 when a check fails.
+Installs nothing and reads no network: the data is a random-token corpus of the model's full
+vocabulary, written by the check itself (data.synthetic). Stages (a failing stage does not stop the
+others; each reports pass / fail / skip, its figures and its time):
+
+1. environment: torch, CUDA, megatron-core and Transformer Engine versions, the GPUs.
+2. matmul_ceiling: the best bf16 (and FP8) GEMM rate measured here, the ceiling MFU is taken against.
+3. flex_attention: compiled flex attention against an fp32 dense reference, forward and backward (q,
+   k, v gradients), for the joint training mask and for the joint mask with document masks; flex must
+   be within TOLERANCE_FACTOR x the error of bf16 SDPA with the same dense mask + TOLERANCE_FLOOR.
+   Also flex vs dense-mask SDPA speed.
+4. train_bf16: the trainer's own step (train.loop.Trainer: Float16Module, megatron DDP with
+   overlapped gradient reduction, the distributed optimizer with overlapped parameter gather,
+   gradient clipping, the joint objective, flex attention) at the ``--size`` layer shape for a few
+   steps: step time, tokens/s, TFLOP/s (train.flops, the trainer's count), MFU against the data sheet
+   and the measured ceiling, peak memory; losses and gradient norms finite.
+5. train_<fp8 preset>: the same for each FP8 recipe the installed Transformer Engine runs on this GPU
+   (train.config.check_fp8 decides; the others are skipped with the reason).
+6. resume: ``python -m train``'s loop (train.loop.run) on a smaller model for 6 steps with a
+   checkpoint at step 3, then a second run resumed from that checkpoint: its losses at steps 4-6 must
+   equal the first run's exactly.
+7. export: the checkpoint to a Hugging Face folder (train.hf.export_checkpoint).
+8. decode: the export on the GPU in all four modes (ar, diffusion, self_spec, self_spec_fused),
+   greedy, fp32: self-speculation must reproduce AR token for token; sampled decoding with a GPU
+   generator in every mode; TPF and tokens/s per mode.
+9. multi_gpu: with two or more GPUs, the resume config at TP=2 and at DP=2 under torchrun, losses
+   against the single-GPU run (bf16: within MULTI_GPU_RTOL).
+
+Writes the report as JSON (``--report``) and prints a summary; exits 1 when a stage failed.
 """
 
 from __future__ import annotations
@@ -19,14 +39,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import os
-import socket
+import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,24 +59,69 @@ import torch.nn.functional as F
 from kernels import flex, masks
 from kernels.masks import CleanAttention
 
+REPO = Path(__file__).resolve().parents[1]
 # Flex attention may differ from the fp32 reference by this much more than bf16 SDPA does (both round
 # q, k, v and the output to bf16; flex's blocks sum in another order).
 TOLERANCE_FACTOR = 2.0
 TOLERANCE_FLOOR = 2e-3
+# TP=2 / DP=2 reduce in another order than one GPU; bf16 losses agree to about this.
+MULTI_GPU_RTOL = 1e-2
+FP8_PRESETS = ("fp8_delayed", "fp8_current", "mxfp8")
+
+
+class Skip(Exception):
+    """A stage that cannot run here; the message says why."""
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # pass | fail | skip
+    seconds: float
+    figures: dict = field(default_factory=dict)
+    detail: str = ""  # the reason for a skip, the error of a failure
+
+
+@dataclass
+class Check:
+    """What the stages share: the device, where to write, the shapes."""
+
+    device: torch.device
+    work: Path
+    size: str
+    layers: int
+    seq_length: int
+    block_size: int
+    parity_length: int
+    steps: int
+    global_batch_size: int
+    small: list[str]  # model overrides of the resume / export / decode stages
+    small_seq_length: int
+    prompt_lengths: tuple[int, ...]  # of the decode stage's random prompts
+    new_tokens: int  # generated per prompt and mode
+    deadline: float  # time.monotonic() after which no stage starts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", default="8b", help="configs/model shape for the layers (default 8b)")
-    parser.add_argument("--layers", type=int, default=4, help="transformer layers to build (default 4)")
-    parser.add_argument("--seq-length", type=int, default=4096, help="L; the model sees 2L (default 4096)")
-    parser.add_argument("--block-size", type=int, default=64, help="diffusion block (default 64)")
-    parser.add_argument("--parity-length", type=int, default=2048, help="L of the attention check")
-    parser.add_argument("--iters", type=int, default=10, help="timed steps per variant (default 10)")
-    parser.add_argument("--skip-model", action="store_true", help="only the matmul and attention checks")
+    parser.add_argument("--report", default="gpu_check.json", help="JSON report path")
+    parser.add_argument("--size", default="8b", help="configs/model shape of the training stages (8b)")
+    parser.add_argument("--layers", type=int, default=4, help="transformer layers of that shape (4)")
+    parser.add_argument("--seq-length", type=int, default=4096, help="L; the model sees 2L (4096)")
+    parser.add_argument("--block-size", type=int, default=64, help="diffusion block (64)")
+    parser.add_argument("--parity-length", type=int, default=2048, help="L of the attention check (2048)")
+    parser.add_argument("--steps", type=int, default=4, help="training steps per precision, first untimed")
+    parser.add_argument("--global-batch-size", type=int, default=4, help="micro-batches of 1 per step (4)")
+    parser.add_argument("--time-limit", type=float, default=480, help="no stage starts after this (s)")
+    parser.add_argument("--quick", action="store_true", help="smaller shapes (about three minutes)")
+    parser.add_argument("--only", help="comma-separated stage names to run (default: all)")
+    parser.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
+    parser.add_argument("--allow-cpu", action="store_true", help="run what can run without CUDA")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.layers, args.seq_length, args.parity_length, args.steps = 2, 1024, 512, 3
     for name in ("seq_length", "parity_length"):
         if getattr(args, name) % args.block_size:
             parser.error(f"--{name.replace('_', '-')} must be a multiple of --block-size")
@@ -61,17 +131,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- timing and the ceiling ----------------------------------------------------------------------
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_seconds(fn: Callable[[], object], iters: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -121,6 +194,19 @@ class Parity:
         return self.flex_error <= TOLERANCE_FACTOR * self.sdpa_error + TOLERANCE_FLOOR
 
 
+def joint_predicate(seq_length: int, block_size: int, documents: bool, device: torch.device):
+    """The joint training mask over 2L, optionally restricted to random packed documents."""
+    predicate = masks.block_diffusion(seq_length, block_size, CleanAttention.causal)
+    if not documents:
+        return predicate
+    generator = torch.Generator().manual_seed(1)
+    cuts = torch.randint(1, seq_length, (5,), generator=generator).unique()
+    ids = torch.zeros(seq_length, dtype=torch.long)
+    ids[cuts] = 1
+    ids = ids.cumsum(0)
+    return masks.and_masks(predicate, masks.same_document(torch.cat([ids, ids])[None].to(device)))
+
+
 def attention_parity(
     seq_length: int,
     block_size: int,
@@ -129,13 +215,14 @@ def attention_parity(
     head_dim: int,
     device: torch.device,
     backward: bool,
+    documents: bool = False,
 ) -> list[Parity]:
     """Flex attention and bf16 SDPA against the fp32 reference on the joint mask over 2 * seq_length
     positions: the output, and with ``backward`` the gradients of q, k and v."""
-    mask_mod = masks.block_diffusion(seq_length, block_size, CleanAttention.causal)
+    predicate = joint_predicate(seq_length, block_size, documents, device)
     S = 2 * seq_length
-    allowed = masks.dense(mask_mod, S, S, device=device)
-    block_mask = flex.block_mask(mask_mod, S, S, device=device)
+    allowed = masks.dense(predicate, S, S, device=device)
+    block_mask = flex.block_mask(predicate, S, S, batch_size=1 if documents else None, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def leaf(n: int) -> torch.Tensor:
@@ -173,10 +260,10 @@ def _parity(name: str, values: dict[str, torch.Tensor]) -> Parity:
 def attention_speed(seq_length: int, block_size: int, heads: int, kv_heads: int, head_dim: int) -> dict:
     """Forward + backward time of flex (block-sparse) and dense-mask SDPA at one shape, in seconds."""
     device = torch.device("cuda")
-    mask_mod = masks.block_diffusion(seq_length, block_size, CleanAttention.causal)
+    predicate = masks.block_diffusion(seq_length, block_size, CleanAttention.causal)
     S = 2 * seq_length
-    allowed = masks.dense(mask_mod, S, S, device=device)
-    block_mask = flex.block_mask(mask_mod, S, S, device=device)
+    allowed = masks.dense(predicate, S, S, device=device)
+    block_mask = flex.block_mask(predicate, S, S, device=device)
     q = torch.randn(1, heads, S, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, kv_heads, S, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn_like(k, requires_grad=True)
@@ -192,220 +279,441 @@ def attention_speed(seq_length: int, block_size: int, heads: int, kv_heads: int,
     }
 
 
-# ---- the model -----------------------------------------------------------------------------------
+# ---- the stages ------------------------------------------------------------------------------------
 
 
-@dataclass
-class StepResult:
-    name: str
-    seconds: float
-    flops: float  # of the timed forward + backward
-    peak_memory: float  # bytes
-    note: str = ""
-
-
-def init_single_process() -> None:
-    """World of one: the process group and megatron's parallel state the model builder needs."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group(
-            "nccl" if torch.cuda.is_available() else "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=0,
-            world_size=1,
-        )
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    if torch.cuda.is_available():
-        tensor_parallel.model_parallel_cuda_manual_seed(0)
-
-
-@contextlib.contextmanager
-def without_grad_accumulation_fusion():
-    """Build with gradient_accumulation_fusion off: megatron's own linear layers need apex for it."""
-    from model import megatron as builder
-
-    original = builder.transformer_config
-
-    def patched(*args, **kwargs):
-        config = original(*args, **kwargs)
-        config.gradient_accumulation_fusion = False
-        return config
-
-    builder.transformer_config = patched
-    try:
-        yield
-    finally:
-        builder.transformer_config = original
-
-
-def model_step(
-    size: str, layers: int, seq_length: int, block_size: int, precision: str, iters: int, device: torch.device
-) -> StepResult:
-    """Time one forward + backward of a [x_t ; x_0] micro-batch through the Megatron model, with the
-    ``configs/precision`` preset ``precision`` (bf16, fp8_current, fp8_delayed, mxfp8; fp32 on CPU)."""
-    from model.attention import attention_inputs
-    from model.config import ParallelConfig
-    from model.megatron import TORCH_DTYPES, build_model
-    from train.config import compose_config
-    from train.flops import block_diffusion_pairs, training_flops_per_sample
-
-    composed = compose_config([f"model={size}", f"model.num_layers={layers}", f"precision={precision}"])
-    cfg = composed.model
-    on_gpu = device.type == "cuda"
-    init_single_process()
-    note = ""
-    try:
-        model = build_model(cfg, ParallelConfig(), composed.precision)
-    except RuntimeError as err:
-        if "fused_weight_gradient_mlp_cuda" not in str(err):
-            raise
-        note = (
-            "built with gradient_accumulation_fusion off: model/megatron.py turns it on with Transformer "
-            "Engine, but megatron's own output layer needs apex for it (the trainer stops here)"
-        )
-        with without_grad_accumulation_fusion():
-            model = build_model(cfg, ParallelConfig(), composed.precision)
-    for p in model.parameters():  # what megatron's DDP gives every parameter; fused wgrad writes here
-        p.main_grad = torch.zeros_like(p, dtype=torch.float32)
-
-    S = 2 * seq_length
-    mask_mod = masks.block_diffusion(seq_length, block_size, CleanAttention.causal)
-    if on_gpu:
-        mask = flex.block_mask(mask_mod, S, S, device=device)
-    else:
-        mask = masks.dense(mask_mod, S, S, device=device)
-    positions = torch.arange(seq_length, device=device).repeat(2).unsqueeze(0)  # both halves 0..L-1
-    inputs = attention_inputs(cfg, positions, mask, TORCH_DTYPES[composed.precision.dtype])
-    tokens = torch.randint(0, cfg.vocab_size, (1, S), device=device)
-    labels = torch.randint(0, cfg.vocab_size, (1, S), device=device)
-
-    def step():
-        loss = model(tokens, positions, None, labels=labels, packed_seq_params=inputs).float().mean()
-        loss.backward()
-
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    seconds = median_seconds(step, iters)
-    flops = training_flops_per_sample(
-        cfg, S, block_diffusion_pairs(seq_length, block_size, CleanAttention.causal)
-    )
-    peak = torch.cuda.max_memory_allocated() if on_gpu else 0.0
-    name = f"{size} layer x {layers}, {precision}, {S} tokens"
-    return StepResult(name, seconds, flops, peak, note)
-
-
-def precisions() -> list[str]:
-    """The configs/precision presets this GPU runs: bf16, and FP8 where Transformer Engine imports."""
-    from model.megatron import transformer_engine_available
-
-    if not transformer_engine_available():
-        return ["bf16"]
-    major, _ = torch.cuda.get_device_capability()
-    return ["bf16", "fp8_current", "fp8_delayed"] + (["mxfp8"] if major >= 10 else [])
-
-
-# ---- the report ----------------------------------------------------------------------------------
-
-
-def environment() -> list[str]:
+def stage_environment(check: Check) -> dict:
     import megatron.core
 
-    lines = [f"torch {torch.__version__}, megatron-core {megatron.core.__version__}"]
+    figures = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__,
+        "cuda": torch.version.cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        major, minor = torch.cuda.get_device_capability()
-        lines.append(f"GPU {name} (sm_{major}{minor}), CUDA {torch.version.cuda}")
-    else:
-        lines.append("no CUDA device")
-    try:
-        import transformer_engine
+        figures["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        figures["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    from train.config import Fp8Environment
 
-        lines.append(f"Transformer Engine {transformer_engine.__version__}")
-    except Exception as err:  # ImportError, or TE failing to load its CUDA libraries
-        lines.append(f"Transformer Engine absent ({type(err).__name__}): FP8 is skipped")
-    return lines
+    figures["transformer_engine"] = Fp8Environment.here().te_version
+    return figures
+
+
+def stage_matmul_ceiling(check: Check) -> dict:
+    from train.flops import gpu_peak_flops
+
+    if check.device.type != "cuda":
+        from train.loop import measured_matmul_flops
+
+        return {"fp32_tflops": measured_matmul_flops() / 1e12}
+    name = torch.cuda.get_device_name()
+    figures = {}
+    for kind in ("bf16", "fp8"):
+        rate = matmul_ceiling(check.device, fp8=kind == "fp8")
+        sheet = gpu_peak_flops(name, fp8=kind == "fp8")
+        figures[f"{kind}_tflops"] = None if rate is None else rate / 1e12
+        figures[f"{kind}_share_of_data_sheet"] = None if rate is None or not sheet else rate / sheet
+    return figures
+
+
+def stage_flex_attention(check: Check) -> dict:
+    if check.device.type != "cuda":
+        raise Skip("compiled flex attention (forward and backward) needs CUDA")
+    from train.config import compose_config
+
+    model = compose_config([f"model={check.size}"]).model
+    heads, kv_heads, head_dim = model.num_attention_heads, model.query_groups, model.head_dim
+    figures: dict = {
+        "shape": f"L={check.parity_length} block {check.block_size}, {heads}/{kv_heads} heads of {head_dim}",
+        "tolerance": f"flex error <= {TOLERANCE_FACTOR} x bf16 SDPA error + {TOLERANCE_FLOOR}",
+    }
+    failed = []
+    for documents in (False, True):
+        label = "documents" if documents else "joint"
+        for result in attention_parity(
+            check.parity_length, check.block_size, heads, kv_heads, head_dim, check.device, True, documents
+        ):
+            figures[f"{label} {result.name}"] = {"flex": result.flex_error, "sdpa": result.sdpa_error}
+            if not result.passed:
+                failed.append(f"{label} {result.name}")
+    speed = attention_speed(check.seq_length, check.block_size, heads, kv_heads, head_dim)
+    figures.update(
+        flex_fwd_bwd_ms=1e3 * speed["flex"],
+        sdpa_fwd_bwd_ms=1e3 * speed["sdpa"],
+        flex_speedup=speed["sdpa"] / speed["flex"],
+    )
+    if failed:
+        raise AssertionError(f"flex outside the tolerance for: {', '.join(failed)}; figures: {figures}")
+    return figures
+
+
+def corpus(check: Check, vocab_size: int) -> tuple[Path, Path]:
+    """The random-token corpus of ``vocab_size`` (written once per size)."""
+    from data.synthetic import random_token_corpus
+
+    folder = check.work / f"data_{vocab_size}"
+    if (folder / "random.json").is_file():
+        return folder / "random", folder / "tokenizer"
+    return random_token_corpus(folder, vocab_size, documents=400, document_tokens=(512, 4096))
+
+
+def common_overrides(check: Check, prefix: Path, tokenizer: Path) -> list[str]:
+    backend = "auto" if check.device.type == "cuda" else "sdpa"
+    return [
+        "launch=local",
+        "parallel.tensor=1",
+        "parallel.sequence_parallel=false",
+        f"parallel.distributed_optimizer={str(check.device.type == 'cuda').lower()}",
+        f"parallel.overlap_grad_reduce={str(check.device.type == 'cuda').lower()}",
+        f"parallel.overlap_param_gather={str(check.device.type == 'cuda').lower()}",
+        "objective.mask_token_id=null",
+        f"data.prefixes=[{prefix}]",
+        "data.valid_prefixes=[]",
+        "data.weights=null",
+        "data.split='98,2,0'",
+        f"data.tokenizer={tokenizer}",
+        f"data.cache_dir={check.work / 'cache'}",
+        f"model.attention_backend={backend}",
+        "logging.tensorboard=false",
+        "logging.wandb=false",
+        "logging.eval_interval=0",
+        "logging.interval=1",
+    ]
+
+
+def stage_train(check: Check, preset: str) -> dict:
+    """A few steps of the trainer's own step at the ``--size`` shape with ``configs/precision/<preset>``."""
+    from data.dataset import build_datasets
+    from model.config import ConfigError
+    from train.config import Fp8Environment, compose_config
+    from train.distributed import init_distributed, shutdown
+    from train.flops import gpu_peak_flops
+    from train.loop import BatchSampler, Trainer, _init_rerun_state_machine
+
+    on_gpu = check.device.type == "cuda"
+    if preset != "bf16" and not on_gpu:
+        raise Skip("FP8 needs CUDA and Transformer Engine")
+    size = compose_config([f"model={check.size}"]).model
+    prefix, tokenizer = corpus(check, size.vocab_size)
+    overrides = [
+        f"experiment=pretrain_{check.size}" if check.size != "tiny" else "experiment=quickstart",
+        *common_overrides(check, prefix, tokenizer),
+        f"model.num_layers={check.layers}",
+        f"data.seq_length={check.seq_length}",
+        f"objective.block_size={check.block_size}",
+        f"precision={preset if on_gpu else 'fp32'}",
+        f"global_batch_size={check.global_batch_size}",
+        "micro_batch_size=1",
+        f"steps={check.steps}",
+        "optim.warmup_steps=1",
+        f"run_dir={check.work / f'train_{preset}'}",
+    ]
+    try:
+        cfg = compose_config(overrides)
+    except ConfigError as err:
+        if preset == "bf16":
+            raise
+        raise Skip(str(err)) from None
+    if cfg.precision.fp8.value != "none" and Fp8Environment.here().te_version is None:
+        raise Skip("Transformer Engine is not installed (pip install -e .[gpu])")
+    world = init_distributed(cfg)
+    try:
+        _init_rerun_state_machine()
+        torch.manual_seed(cfg.seed)
+        trainer = Trainer(cfg, world)
+        samples = cfg.steps * cfg.global_batch_size
+        train_set = build_datasets(cfg.data, (samples, 1, 1), cfg.seed, trainer.tokenizer)[0]
+        sampler = BatchSampler(train_set, cfg.global_batch_size, cfg.micro_batch_size, world)
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        seconds, losses, norms = [], [], []
+        for step in range(cfg.steps):
+            synchronize()
+            start = time.perf_counter()
+            metrics = trainer.train_step(step, sampler.batches(step * cfg.global_batch_size))
+            synchronize()
+            seconds.append(time.perf_counter() - start)
+            losses.append(metrics["loss"])
+            norms.append(metrics["grad_norm"])
+        step_seconds = statistics.median(seconds[1:] or seconds)  # the first step compiles
+        flops = trainer.flops_per_sample * cfg.global_batch_size / step_seconds
+        figures = {
+            "shape": f"{check.size} layer x {check.layers}, L={cfg.data.seq_length} (model sees "
+            f"{cfg.model_sequence_length}), {cfg.global_batch_size} micro-batches of 1, {preset}",
+            "layers": "Transformer Engine" if "Transformer Engine" in _backend(cfg) else "megatron local",
+            "attention": trainer.step_context.backend.value,
+            "first_step_s": seconds[0],
+            "step_s": step_seconds,
+            "tokens_per_s": cfg.global_batch_size * cfg.data.seq_length / step_seconds,
+            "tflops": flops / 1e12,
+            "losses": losses,
+            "grad_norms": norms,
+        }
+        if on_gpu:
+            sheet = gpu_peak_flops(torch.cuda.get_device_name(), fp8=preset != "bf16")
+            figures["mfu_data_sheet"] = flops / sheet if sheet else None
+            figures["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if not all(map(_finite, losses + norms)):
+            raise AssertionError(f"non-finite loss or gradient norm: losses {losses}, norms {norms}")
+        return figures
+    finally:
+        trainer = None
+        shutdown()
+        _free_memory()
+
+
+def _backend(cfg) -> str:
+    from model.megatron import backend_notice
+
+    return backend_notice(cfg.model)
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def small_overrides(check: Check, run_dir: Path, *extra: str) -> list[str]:
+    """The resume / export / decode / multi-GPU runs: a smaller model, 6 steps, checkpoints every 3."""
+    vocab = int(next(o.split("=")[1] for o in check.small if o.startswith("model.vocab_size=")))
+    prefix, tokenizer = corpus(check, vocab)
+    return [
+        "experiment=quickstart",
+        *common_overrides(check, prefix, tokenizer),
+        *check.small,
+        f"data.seq_length={check.small_seq_length}",
+        f"precision={'bf16' if check.device.type == 'cuda' else 'fp32'}",
+        "global_batch_size=8",
+        "micro_batch_size=2",
+        "steps=6",
+        "optim.warmup_steps=1",
+        "optim.schedule=constant",
+        "checkpoint.interval=3",
+        "checkpoint.keep=0",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
+
+
+def small_config(check: Check, run_dir: Path, *extra: str):
+    from train.config import compose_config
+
+    return compose_config(small_overrides(check, run_dir, *extra))
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    from train.logger import read_metrics
+
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir / "metrics.jsonl") if m["split"] == "train"}
+
+
+def stage_resume(check: Check) -> dict:
+    from train.loop import run
+
+    first = check.work / "resume_first"
+    run(small_config(check, first))
+    checkpoint = first / "checkpoints" / "iter_0000003"
+    second = check.work / "resume_second"
+    run(small_config(check, second, f"checkpoint.load={checkpoint}"))
+    expected, got = train_losses(first), train_losses(second)
+    if sorted(got) != [4, 5, 6]:
+        raise AssertionError(f"the resumed run logged steps {sorted(got)}, expected 4, 5, 6")
+    differences = {step: got[step] - expected[step] for step in got}
+    figures = {"first_run_losses": expected, "resumed_losses": got, "differences": differences}
+    if any(differences.values()):
+        raise AssertionError(f"the resumed run's losses differ from the first run's: {figures}")
+    return figures
+
+
+def stage_export(check: Check) -> dict:
+    from train.hf import export_checkpoint
+
+    checkpoints = check.work / "resume_first" / "checkpoints"
+    if not checkpoints.is_dir():
+        raise Skip("no checkpoint: the resume stage did not run")
+    start = time.perf_counter()
+    out = export_checkpoint(checkpoints, check.work / "export", dtype="float32", overwrite=True)
+    files = sorted(p.name for p in out.iterdir())
+    return {"seconds": time.perf_counter() - start, "files": files}
+
+
+def stage_decode(check: Check) -> dict:
+    from model.generation import MODES, load_export
+
+    folder = check.work / "export"
+    if not (folder / "config.json").is_file():
+        raise Skip("no export: the export stage did not run")
+    model, _ = load_export(folder, dtype=torch.float32, device=check.device)
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (1, n), generator=generator) for n in check.prompt_lengths]
+    figures: dict = {}
+    outputs: dict[str, list] = {}
+    for mode, method in MODES.items():
+        tokens = passes = 0
+        seconds = 0.0
+        outputs[mode] = []
+        for prompt in prompts:
+            synchronize()
+            start = time.perf_counter()
+            ids, nfe = getattr(model, method)(
+                prompt.to(check.device), max_new_tokens=check.new_tokens, eos_token_id=[]
+            )
+            synchronize()
+            seconds += time.perf_counter() - start
+            new = ids[0, prompt.shape[1] :].tolist()
+            outputs[mode].append(new)
+            tokens, passes = tokens + len(new), passes + nfe
+        figures[mode] = {"tpf": tokens / passes, "tokens_per_s": tokens / seconds}
+        sampled, _ = getattr(model, method)(
+            prompts[0].to(check.device),
+            max_new_tokens=16,
+            temperature=0.8,
+            eos_token_id=[],
+            generator=torch.Generator(device=check.device).manual_seed(1),
+        )
+        figures[mode]["sampled_tokens"] = sampled.shape[1] - prompts[0].shape[1]
+    lossless = {mode: outputs[mode] == outputs["ar"] for mode in ("self_spec", "self_spec_fused")}
+    figures["self_spec_equals_ar"] = lossless
+    if not all(lossless.values()):
+        raise AssertionError(f"self-speculation differs from AR decoding: {lossless}")
+    return figures
+
+
+def stage_multi_gpu(check: Check) -> dict:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
+        raise Skip(f"{count} GPU(s): TP=2 and DP=2 need two")
+    reference = train_losses(check.work / "resume_first")
+    if not reference:
+        raise Skip("no single-GPU reference: the resume stage did not run")
+    figures = {}
+    for name, layout in (("tp2", ["parallel.tensor=2"]), ("dp2", [])):
+        run_dir = check.work / f"multi_{name}"
+        overrides = small_overrides(check, run_dir, *layout, "checkpoint.interval=0")
+        small_config(check, run_dir, *layout)  # a bad layout fails here, naming the key
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "train"]
+        proc = subprocess.run([*command, *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise AssertionError(f"{name} failed:\n{proc.stderr[-3000:]}")
+        losses = train_losses(run_dir)
+        worst = max(abs(losses[s] - reference[s]) / abs(reference[s]) for s in losses)
+        figures[name] = {"losses": losses, "max_relative_difference": worst}
+        if worst > MULTI_GPU_RTOL:
+            raise AssertionError(f"{name} losses differ from one GPU's by {worst:.2e} (> {MULTI_GPU_RTOL})")
+    return figures
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+def stages(check: Check) -> list[tuple[str, Callable[[], dict]]]:
+    listed = [
+        ("environment", lambda: stage_environment(check)),
+        ("matmul_ceiling", lambda: stage_matmul_ceiling(check)),
+        ("flex_attention", lambda: stage_flex_attention(check)),
+        ("train_bf16", lambda: stage_train(check, "bf16")),
+    ]
+    listed += [(f"train_{p}", lambda p=p: stage_train(check, p)) for p in FP8_PRESETS]
+    listed += [
+        ("resume", lambda: stage_resume(check)),
+        ("export", lambda: stage_export(check)),
+        ("decode", lambda: stage_decode(check)),
+        ("multi_gpu", lambda: stage_multi_gpu(check)),
+    ]
+    return listed
+
+
+def run_stage(name: str, fn: Callable[[], dict], deadline: float) -> StageResult:
+    if time.monotonic() > deadline:
+        return StageResult(name, "skip", 0.0, detail="the time limit was reached before it started")
+    start = time.perf_counter()
+    try:
+        figures = fn()
+        return StageResult(name, "pass", time.perf_counter() - start, figures)
+    except Skip as reason:
+        return StageResult(name, "skip", time.perf_counter() - start, detail=str(reason))
+    except Exception as err:
+        detail = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=-8)}"
+        return StageResult(name, "fail", time.perf_counter() - start, detail=detail)
+    finally:
+        _free_memory()
+
+
+def summary_line(result: StageResult) -> str:
+    figures = result.figures
+    keys = ("step_s", "tokens_per_s", "tflops", "mfu_data_sheet", "flex_speedup", "bf16_tflops")
+    shown = ", ".join(f"{k} {figures[k]:.3g}" for k in keys if isinstance(figures.get(k), float))
+    if result.name == "decode" and result.status == "pass":
+        modes = {m: v for m, v in figures.items() if isinstance(v, dict) and "tpf" in v}
+        shown = ", ".join(f"{m} TPF {v['tpf']:.2f}" for m, v in modes.items())
+    reason = result.detail.splitlines()[0] if result.detail else ""
+    return f"  {result.name:<18} {result.status.upper():<5} {result.seconds:6.1f} s  {shown or reason}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; run it on a GPU machine", file=sys.stderr)
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print("gpu_check: no CUDA device here; run it on a GPU machine (or --allow-cpu)", file=sys.stderr)
         return 2
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    from train.config import compose_config
-    from train.flops import gpu_peak_flops
-
-    device = torch.device("cuda")
-    failed = False
-    for line in environment():
-        print(line)
-    name = torch.cuda.get_device_name()
-
-    ceiling = {"bf16": matmul_ceiling(device), "fp8": matmul_ceiling(device, fp8=True)}
-    for kind, rate in ceiling.items():
-        sheet = gpu_peak_flops(name, fp8=kind == "fp8")
-        if rate is None:
-            print(f"matmul ceiling {kind}: not available")
-        else:
-            share = f" ({100 * rate / sheet:.0f}% of the data sheet's {sheet / 1e12:.0f})" if sheet else ""
-            print(f"matmul ceiling {kind}: {rate / 1e12:.0f} TFLOP/s{share}")
-
-    model_cfg = compose_config([f"model={args.size}"]).model
-    heads, kv_heads, head_dim = model_cfg.num_attention_heads, model_cfg.query_groups, model_cfg.head_dim
-    print(
-        f"\nflex vs fp32 reference, joint mask L={args.parity_length} block {args.block_size} "
-        f"({heads}/{kv_heads} heads of {head_dim}), max |error|:"
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check."))
+    work.mkdir(parents=True, exist_ok=True)
+    small_vocab = 32768 if device.type == "cuda" else 512
+    full = device.type == "cuda" and not args.quick
+    width = (4, 1024, 2816, 16, 8, 64) if full else (2, 128, 256, 4, 2, 32)
+    names = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+    small = [f"model.{k}={v}" for k, v in zip((*names, "kv_channels"), width, strict=True)]
+    check = Check(
+        device=device,
+        work=work,
+        size=args.size if device.type == "cuda" else "tiny",
+        layers=args.layers,
+        seq_length=args.seq_length if device.type == "cuda" else 128,
+        block_size=args.block_size if device.type == "cuda" else 16,
+        parity_length=args.parity_length,
+        steps=args.steps,
+        global_batch_size=args.global_batch_size,
+        small=[*small, f"model.vocab_size={small_vocab}", f"objective.block_size={args.block_size}"],
+        small_seq_length=1024 if device.type == "cuda" else 128,
+        prompt_lengths=(5, 17, 40) if full else (5, 17),
+        new_tokens=32 if full else 12,
+        deadline=time.monotonic() + args.time_limit,
     )
-    for result in attention_parity(
-        args.parity_length, args.block_size, heads, kv_heads, head_dim, device, True
-    ):
-        failed |= not result.passed
-        print(
-            f"  {result.name:<8} flex {result.flex_error:.2e}   bf16 SDPA {result.sdpa_error:.2e}   "
-            f"{'ok' if result.passed else 'FAIL'}"
-        )
-    speed = attention_speed(args.seq_length, args.block_size, heads, kv_heads, head_dim)
-    print(
-        f"attention fwd+bwd at L={args.seq_length}: flex {1e3 * speed['flex']:.1f} ms, dense-mask SDPA "
-        f"{1e3 * speed['sdpa']:.1f} ms ({speed['sdpa'] / speed['flex']:.1f}x)"
-    )
-
-    if not args.skip_model:
-        print(
-            f"\nmodel forward + backward, micro-batch 1 of [x_t ; x_0], L={args.seq_length} "
-            "(scripts/plan.py projects step times at MFU 40% unless told --mfu):"
-        )
-        for preset in precisions():
-            try:
-                result = model_step(
-                    args.size, args.layers, args.seq_length, args.block_size, preset, args.iters, device
-                )
-            except Exception:
-                failed = True
-                print(f"  {preset}: FAILED\n{traceback.format_exc()}")
-                continue
-            finally:
-                gc.collect()
-                torch.cuda.empty_cache()
-            kind = "bf16" if preset == "bf16" else "fp8"
-            achieved = result.flops / result.seconds
-            sheet = gpu_peak_flops(name, fp8=kind == "fp8")
-            mfu_sheet = f"{100 * achieved / sheet:.0f}%" if sheet else "n/a"
-            measured = ceiling[kind] or ceiling["bf16"]
-            print(
-                f"  {result.name}: {1e3 * result.seconds:.0f} ms, {achieved / 1e12:.0f} TFLOP/s, MFU "
-                f"{mfu_sheet} of the data sheet, {100 * achieved / measured:.0f}% of the measured "
-                f"{kind} ceiling, peak memory {result.peak_memory / 2**30:.1f} GiB"
-            )
-            if result.note:
-                print(f"    note: {result.note}")
-    print("\nresult:", "FAIL" if failed else "ok")
+    if device.type != "cuda":
+        check.small[-1] = "objective.block_size=16"
+    only = set(args.only.split(",")) if args.only else None
+    results = []
+    print(f"gpu_check: work folder {work}")
+    for name, fn in stages(check):
+        if only is not None and name not in only:
+            continue
+        result = run_stage(name, fn, check.deadline)
+        results.append(result)
+        print(summary_line(result), flush=True)
+        if result.status == "fail":
+            print("    " + result.detail.replace("\n", "\n    ")[:4000], flush=True)
+    failed = [r.name for r in results if r.status == "fail"]
+    report = {
+        "result": "fail" if failed else "pass",
+        "failed": failed,
+        "stages": [asdict(r) for r in results],
+        "arguments": vars(args),
+    }
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.report).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"result: {'FAIL (' + ', '.join(failed) + ')' if failed else 'pass'}; report {args.report}")
+    if not args.work:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(work)
     return 1 if failed else 0
 
 

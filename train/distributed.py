@@ -78,10 +78,12 @@ def init_distributed(cfg: TrainConfig) -> World:
     if not dist.is_initialized():
         if on_gpu:
             torch.cuda.set_device(local_rank)
-        if "MASTER_ADDR" not in os.environ:
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        # A world of one started without torchrun rendezvous on a fresh local port (every time: a
+        # process may run several trainings one after another).
+        local = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo",
+            init_method=local,
             rank=rank,
             world_size=size,
             timeout=datetime.timedelta(minutes=int(os.environ.get("TANDEM_DIST_TIMEOUT_MIN", "30"))),

@@ -226,8 +226,15 @@ class Trainer:
         if source is None:
             return None
         source_path = Path(source)
-        root = source_path.parent if (source_path / ckpt.MANIFEST).is_file() else source_path
-        found = ckpt.load(root, self.modules, self.optimizer, weights_only=self.cfg.checkpoint.finetune)
+        one_folder = (source_path / ckpt.MANIFEST).is_file()  # an iter_* folder: exactly that one
+        root = source_path.parent if one_folder else source_path
+        found = ckpt.load(
+            root,
+            self.modules,
+            self.optimizer,
+            weights_only=self.cfg.checkpoint.finetune,
+            only=source_path if one_folder else None,
+        )
         if found is None:
             raise FileNotFoundError(
                 f"checkpoint.load={source} holds no usable checkpoint (expected iter_*/ folders with "

@@ -1,7 +1,12 @@
-"""scripts/gpu_check.py: its CPU-safe parts here (arguments, the dense reference, the flex forward
-comparison, the model step on a tiny shape); the whole check on a GPU."""
+"""scripts/gpu_check.py: its arguments, its attention reference, and a dress rehearsal of every stage
+that can run without CUDA (the trainer's step, the run loop's save and exact resume, the export, the
+four decoding modes) through the script itself; the whole check on a GPU."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,11 +14,13 @@ import torch.nn.functional as F
 
 from kernels import masks
 from scripts import gpu_check
+from tests.conftest import REPO
 
 
 def test_arguments_default_to_the_8b_layer_shape_and_check_block_alignment():
     args = gpu_check.parse_args([])
     assert (args.size, args.layers, args.seq_length, args.block_size) == ("8b", 4, 4096, 64)
+    assert args.time_limit <= 480  # the stages fit the eight minutes a lent GPU gives
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--seq-length", "100"])
 
@@ -29,39 +36,29 @@ def test_the_dense_reference_is_softmax_attention_under_the_training_mask():
     assert allowed[0, 0, 8].nonzero().flatten().tolist() == [*range(8, 16), *range(32, 40)]
 
 
-def test_flex_forward_matches_the_reference_on_cpu():
-    (output,) = gpu_check.attention_parity(64, 16, 4, 2, 16, torch.device("cpu"), backward=False)
+@pytest.mark.parametrize("documents", [False, True], ids=["joint", "documents"])
+def test_flex_forward_matches_the_reference_on_cpu(documents):
+    (output,) = gpu_check.attention_parity(
+        64, 16, 4, 2, 16, torch.device("cpu"), backward=False, documents=documents
+    )
     assert output.name == "output" and output.passed, output
 
 
-def dense_flex(mask_mod):
-    """flex.attention's stand-in on CPU (whose flex has no backward): SDPA over ``mask_mod``."""
-
-    def attention(q, k, v, block_mask, scale=None):
-        S = q.shape[2]
-        allowed = masks.dense(mask_mod, S, S)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
-
-    return attention
-
-
-def test_gradients_are_compared_too(monkeypatch):
-    monkeypatch.setattr(gpu_check.flex, "attention", dense_flex(masks.block_diffusion(64, 16)))
-    results = gpu_check.attention_parity(64, 16, 4, 2, 16, torch.device("cpu"), backward=True)
-    assert [r.name for r in results] == ["output", "grad q", "grad k", "grad v"]
-    assert all(r.passed for r in results)
+def test_the_document_predicate_cuts_attention_at_document_ends():
+    allowed = masks.dense(gpu_check.joint_predicate(64, 16, True, torch.device("cpu")), 128, 128)[0, 0]
+    joint = masks.dense(gpu_check.joint_predicate(64, 16, False, torch.device("cpu")), 128, 128)[0, 0]
+    assert (allowed <= joint).all() and allowed.sum() < joint.sum()
 
 
 def test_a_kernel_realising_another_mask_fails_the_check(monkeypatch):
-    monkeypatch.setattr(gpu_check.flex, "attention", dense_flex(masks.causal()))
+    def causal_sdpa(q, k, v, block_mask, scale=None):
+        S = q.shape[2]
+        allowed = masks.dense(masks.causal(), S, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+
+    monkeypatch.setattr(gpu_check.flex, "attention", causal_sdpa)
     (output,) = gpu_check.attention_parity(64, 16, 4, 2, 16, torch.device("cpu"), backward=False)
     assert not output.passed
-
-
-def test_the_model_step_runs_and_counts_flops_on_cpu(megatron_single):
-    result = gpu_check.model_step("tiny", 1, 32, 16, "fp32", 1, torch.device("cpu"))
-    assert result.seconds > 0 and result.flops > 0
-    assert result.name == "tiny layer x 1, fp32, 64 tokens"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
@@ -70,7 +67,37 @@ def test_without_a_gpu_it_says_so(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rehearsal; a GPU runs the real check")
+def test_the_cpu_rehearsal_passes_every_stage_it_can_run(tmp_path):
+    report = tmp_path / "report.json"
+    stages = "environment,flex_attention,train_bf16,train_mxfp8,resume,export,decode,multi_gpu"
+    command = [sys.executable, "scripts/gpu_check.py", "--allow-cpu", "--quick", "--only", stages]
+    proc = subprocess.run(
+        [*command, "--report", str(report), "--work", str(tmp_path / "work")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = {s["name"]: s for s in json.loads(report.read_text())["stages"]}
+    assert {n: s["status"] for n, s in results.items()} == {
+        "environment": "pass",
+        "flex_attention": "skip",
+        "train_bf16": "pass",
+        "train_mxfp8": "skip",
+        "resume": "pass",
+        "export": "pass",
+        "decode": "pass",
+        "multi_gpu": "skip",
+    }
+    resumed = results["resume"]["figures"]
+    assert resumed["resumed_losses"] == {k: resumed["first_run_losses"][k] for k in ("4", "5", "6")}
+    assert results["decode"]["figures"]["self_spec_equals_ar"] == {"self_spec": True, "self_spec_fused": True}
+    assert results["train_bf16"]["figures"]["tokens_per_s"] > 0
+
+
 @pytest.mark.gpu
-def test_the_gpu_check_passes_at_a_small_shape():
-    args = ["--layers", "1", "--seq-length", "1024", "--parity-length", "512", "--iters", "2"]
-    assert gpu_check.main(args) == 0
+def test_the_gpu_check_passes_quick(tmp_path):
+    assert gpu_check.main(["--quick", "--report", str(tmp_path / "report.json")]) == 0
