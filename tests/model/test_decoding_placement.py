@@ -122,3 +122,16 @@ def test_the_command_line_samples_on_the_models_device(model, mode):
     on_device = copy.deepcopy(model)
     with simulated_gpu():
         assert run(on_device.cuda(), "cuda") == expected
+
+
+def test_a_generator_on_another_device_is_refused_with_the_fix(model):
+    on_device = copy.deepcopy(model)
+    with simulated_gpu():
+        on_device.cuda()
+        with pytest.raises(ValueError, match=r"generator is on cpu but the model is on cuda:0.*model\.device"):
+            on_device.ar_generate(
+                torch.tensor([PROMPT], device="cuda"),
+                max_new_tokens=3,
+                temperature=1.0,
+                generator=torch.Generator().manual_seed(0),
+            )
