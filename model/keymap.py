@@ -4,7 +4,10 @@ One table (``RULES``) lists every parameter of a layer-spec-local GPTModel with 
 name(s) and how the tensor is rearranged; ``HfLayout`` says where those names live in a given
 architecture (``model.*`` + ``lm_head`` for Llama/Mistral/Ministral-3/Qwen3, ``encoder.*`` +
 ``diffusion_head`` for Nemotron-Labs-Diffusion). State dicts here are whole (TP=1, PP=1) tensors;
-dist checkpoints reshard to and from that layout.
+dist checkpoints reshard to and from that layout. ``entries`` expands the table for one model into
+``Entry``s (one whole Megatron tensor each, with its Hugging Face names and its dist-checkpoint key),
+so that conversions can stream a tensor at a time (``entry_to_hf`` / ``entry_from_hf``);
+``to_hf`` / ``from_hf`` convert whole state dicts.
 
 Non-trivial rearrangements:
 - ``qkv``: megatron fuses Q, K, V per query group: for each group g, its q heads, then k_g, then v_g.
@@ -113,38 +116,85 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return padded
 
 
-def _expand(rule: Rule, layer: int | None) -> tuple[str, tuple[str, ...]]:
-    if layer is None:
-        return rule.megatron, rule.hf
-    key = str(layer)
-    return rule.megatron.replace(LAYER, key), tuple(name.replace(LAYER, key) for name in rule.hf)
+@dataclass(frozen=True)
+class Entry:
+    """One whole Megatron tensor of a given model and the Hugging Face tensor(s) it is made of."""
+
+    rule: Rule
+    megatron: str  # local-spec state-dict name, e.g. decoder.layers.3.mlp.linear_fc1.weight
+    hf: tuple[str, ...]  # full Hugging Face names in the layout
+    layer: int | None  # the decoder layer, None for the embedding, final norm and head
+
+    @property
+    def checkpoint_key(self) -> str:
+        """The key megatron.core's dist checkpoints store this tensor under.
+
+        A block's layers share one key and are stacked on a leading dimension (``layer`` indexes it),
+        and the local spec saves its layer norms under Transformer Engine's fused names, so that either
+        spec loads the other's checkpoints."""
+        key = self.rule.megatron.replace(f"{LAYER}.", "")
+        for fused, local in _TE_FUSED_NORMS.items():
+            key = key.replace(local, fused)
+        return key
 
 
-def _instances(cfg: ModelConfig):
-    for rule in RULES:
-        if rule.optional and not cfg.qk_layernorm:
-            continue
-        layers = range(cfg.num_layers) if LAYER in rule.megatron else [None]
-        for layer in layers:
-            yield rule, *_expand(rule, layer)
+def entries(cfg: ModelConfig, layout: HfLayout, tied_head: bool = False) -> list[Entry]:
+    """Every tensor of ``cfg``, layer by layer (embedding, layer 0, ..., final norm, head), so that a
+    conversion can stream them. ``tied_head``: the source stores no head; it is read from the embedding."""
+
+    def entry(rule: Rule, layer: int | None) -> Entry:
+        key = "" if layer is None else str(layer)
+        names = tuple(name.replace(LAYER, key) for name in rule.hf)
+        if rule.kind == "head":
+            names = (layout.prefix + "embed_tokens.weight",) if tied_head else (layout.head,)
+        else:
+            names = tuple(layout.prefix + name for name in names)
+        return Entry(rule, rule.megatron.replace(LAYER, key), names, layer)
+
+    rules = [rule for rule in RULES if cfg.qk_layernorm or not rule.optional]
+    per_layer = [rule for rule in rules if LAYER in rule.megatron]
+    # RULES lists the embedding before the layer rules and the final norm and head after them.
+    before, after = rules[: rules.index(per_layer[0])], rules[rules.index(per_layer[-1]) + 1 :]
+    return [
+        *(entry(rule, None) for rule in before),
+        *(entry(rule, layer) for layer in range(cfg.num_layers) for rule in per_layer),
+        *(entry(rule, None) for rule in after),
+    ]
+
+
+def entry_to_hf(entry: Entry, tensor: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The Hugging Face tensors of one whole Megatron tensor, in ``entry.hf`` order."""
+    kind = entry.rule.kind
+    if kind == "qkv":
+        parts = _qkv_to_hf(tensor, cfg)
+    elif kind == "gate_up":
+        parts = tuple(t.contiguous() for t in tensor.chunk(2, dim=0))
+    elif kind in ("vocab", "head"):
+        parts = (tensor[: cfg.vocab_size].contiguous(),)
+    else:
+        parts = (tensor.contiguous(),)
+    return dict(zip(entry.hf, parts, strict=True))
+
+
+def entry_from_hf(entry: Entry, tensors: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """One whole Megatron tensor from its Hugging Face tensors (given in ``entry.hf`` order)."""
+    kind = entry.rule.kind
+    if kind == "qkv":
+        return _qkv_from_hf(*tensors, cfg)
+    if kind == "gate_up":
+        return torch.cat(tensors, dim=0).contiguous()
+    if kind in ("vocab", "head"):
+        return _pad_rows(tensors[0], cfg.padded_vocab_size)
+    return tensors[0].contiguous()
 
 
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, layout: HfLayout) -> dict[str, torch.Tensor]:
     """Megatron (TP=1, PP=1, local-spec names) -> Hugging Face names for ``layout``."""
     out: dict[str, torch.Tensor] = {}
-    for rule, megatron_name, hf_names in _instances(cfg):
-        if megatron_name not in state:
-            raise KeyError(f"the Megatron state dict has no {megatron_name!r} (rule {rule.megatron})")
-        tensor = state[megatron_name]
-        names = [layout.head if n == "{head}" else layout.prefix + n for n in hf_names]
-        if rule.kind == "qkv":
-            out.update(zip(names, _qkv_to_hf(tensor, cfg), strict=True))
-        elif rule.kind == "gate_up":
-            out.update(zip(names, (t.contiguous() for t in tensor.chunk(2, dim=0)), strict=True))
-        elif rule.kind in ("vocab", "head"):
-            out[names[0]] = tensor[: cfg.vocab_size].contiguous()
-        else:
-            out[names[0]] = tensor.contiguous()
+    for entry in entries(cfg, layout):
+        if entry.megatron not in state:
+            raise KeyError(f"the Megatron state dict has no {entry.megatron!r} (rule {entry.rule.megatron})")
+        out.update(entry_to_hf(entry, state[entry.megatron], cfg))
     return out
 
 
@@ -156,26 +206,19 @@ def from_hf(
     ``tied_head``: the source ties its output head to the embedding (no head tensor stored); the
     untied Megatron head is initialised from the embedding matrix, as Nemotron-Labs-Diffusion does."""
     out: dict[str, torch.Tensor] = {}
-    for rule, megatron_name, hf_names in _instances(cfg):
-        names = [layout.head if n == "{head}" else layout.prefix + n for n in hf_names]
-        if rule.kind == "head" and tied_head:
-            names = [layout.prefix + "embed_tokens.weight"]
-        missing = [n for n in names if n not in hf_state]
+    for entry in entries(cfg, layout, tied_head):
+        missing = [n for n in entry.hf if n not in hf_state]
         if missing:
-            raise KeyError(
-                f"the Hugging Face checkpoint has no {missing[0]!r} (needed for {megatron_name}); "
-                "is it a Llama/Mistral/Qwen3-style causal LM with this config?"
-            )
-        tensors = [hf_state[n] for n in names]
-        if rule.kind == "qkv":
-            out[megatron_name] = _qkv_from_hf(*tensors, cfg)
-        elif rule.kind == "gate_up":
-            out[megatron_name] = torch.cat(tensors, dim=0).contiguous()
-        elif rule.kind in ("vocab", "head"):
-            out[megatron_name] = _pad_rows(tensors[0], cfg.padded_vocab_size)
-        else:
-            out[megatron_name] = tensors[0].contiguous()
+            raise KeyError(missing_hf_message(missing[0], entry))
+        out[entry.megatron] = entry_from_hf(entry, [hf_state[n] for n in entry.hf], cfg)
     return out
+
+
+def missing_hf_message(name: str, entry: Entry) -> str:
+    return (
+        f"the Hugging Face checkpoint has no {name!r} (needed for {entry.megatron}); "
+        "is it a Llama/Mistral/Qwen3-style causal LM with this config?"
+    )
 
 
 _TE_FUSED_NORMS = {

@@ -12,6 +12,7 @@ Conventions fixed here:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 
@@ -180,30 +181,35 @@ def build_model(
     precision: PrecisionConfig,
     *,
     vp_stage: int | None = None,
+    meta: bool = False,
 ) -> GPTModel:
     """One pipeline stage (or virtual stage ``vp_stage``) of the model on this rank.
 
     Needs megatron's process groups (``parallel_state.initialize_model_parallel``). Logits stay split
     over the tensor-parallel group (the loss is vocab-parallel); pass ``runtime_gather_output=True``
-    to the forward for whole logits."""
+    to the forward for whole logits. ``meta``: on the meta device, never on a GPU: every key, shape
+    and checkpoint offset of the model and no memory (weight conversion builds its checkpoint on it)."""
     model.validate()
     parallel.validate()
     precision.validate()
     config = transformer_config(model, parallel, precision)
+    if meta:
+        config.use_cpu_initialization = True  # megatron's CPU initialisation honours a device context
     pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    gpt = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(model),
-        vocab_size=model.padded_vocab_size,
-        max_sequence_length=model.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="none",
-        vp_stage=vp_stage,
-    )
-    if not torch.cuda.is_available():
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(model),
+            vocab_size=model.padded_vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="none",
+            vp_stage=vp_stage,
+        )
+    if meta or not torch.cuda.is_available():
         return gpt
     return gpt.cuda(torch.cuda.current_device())

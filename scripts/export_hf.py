@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.hf import TORCH_DTYPES, export_checkpoint
+from model.hf_config import HF_DTYPES
+from train.hf import export_checkpoint
 
 
 def main(argv: list[str]) -> int:
@@ -24,7 +25,7 @@ def main(argv: list[str]) -> int:
         "--checkpoint", required=True, help="run folder, checkpoints/ folder or iter_* folder"
     )
     parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
-    parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="weights dtype (default: the run's)")
+    parser.add_argument("--dtype", choices=sorted(HF_DTYPES), help="weights dtype (default: the run's)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     try:

@@ -6,25 +6,45 @@ code (``model/hf/*`` plus the mask and RoPE modules it trains with, copied byte 
 ``import_hf``: an NLD folder or a Llama / Mistral / Ministral-3 / Qwen3 causal LM -> a Tandem
 checkpoint (weights only) that the trainer starts from with ``checkpoint.load=... checkpoint.finetune=true``.
 Both write to a temporary folder and rename it when complete.
+
+Both stream, so that 8B/14B conversions fit beside one copy of the weights: the export reads the
+checkpoint's tensors one at a time from its torch.distributed.checkpoint files (no Megatron model,
+no process group, no GPU), converts each (``model.keymap``), casts it and appends it to its
+safetensors shard; the import reads the source safetensors a tensor at a time and hands the
+converted tensors to megatron.core's dist-checkpoint writer under the keys of a Megatron model built
+on the meta device. ``load_megatron_state`` is the other way to read a checkpoint: through a whole
+Megatron model, as the trainer does (the tests' reference).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from kernels.masks import CleanAttention
 from model import keymap
 from model.config import ConfigError, Dtype, ModelConfig, ParallelConfig, PrecisionConfig, TransformerImpl
-from model.hf_config import MODEL_TYPE, model_from_hf, nld_config
+from model.hf_config import HF_DTYPES, MODEL_TYPE, model_from_hf, nld_config
 from model.megatron import build_model
 from train import checkpoint as ckpt
 from train.config import ObjectiveConfig, TrainConfig
@@ -38,7 +58,7 @@ REMOTE_CODE = {
     "tandem_masks.py": REPO / "kernels/masks.py",
     "tandem_rope.py": REPO / "model/rope.py",
 }
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 SHARD_SIZE = "5GB"
 
 
@@ -85,7 +105,9 @@ def _read_info(folder: Path) -> CheckpointInfo:
 
 
 def load_megatron_state(info: CheckpointInfo) -> dict[str, torch.Tensor]:
-    """Whole (TP = PP = 1) local-spec weights of a checkpoint saved at any layout."""
+    """Whole (TP = PP = 1) local-spec weights of a checkpoint saved at any layout, read the trainer's
+    way: into a whole fp32 Megatron model (memory: the model and its copy). Conversions stream through
+    ``SavedTensors`` instead; this is their independent reference."""
     from train.distributed import single_process
 
     model_cfg = _local(info.model)
@@ -125,37 +147,204 @@ def _publish(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def save_safetensors(state: dict[str, torch.Tensor], folder: Path) -> None:
-    """``model.safetensors`` or shards of at most SHARD_SIZE with ``model.safetensors.index.json``."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
+class _MetadataOnce(FileSystemReader):
+    """A reader that unpickles the metadata once: torch.distributed.checkpoint reads it on every load,
+    an export loads once per tensor, and a checkpoint with optimizer states has a large metadata file."""
 
-    split = split_torch_state_dict_into_shards(state, max_shard_size=SHARD_SIZE)
-    for filename, names in split.filename_to_tensors.items():
-        save_file(
-            {n: state[n].contiguous() for n in names}, str(folder / filename), metadata={"format": "pt"}
-        )
+    def read_metadata(self, *args, **kwargs):
+        if not hasattr(self, "_metadata"):
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+class _BoxPlanner(DefaultLoadPlanner):
+    """Plans the reads of one box (``offsets`` + ``target``'s shape) of one saved tensor into
+    ``target``, from whichever stored chunks overlap it: that is what makes any TP/PP layout read as
+    whole tensors."""
+
+    def __init__(self, key: str, offsets: tuple[int, ...], target: torch.Tensor):
+        super().__init__()
+        self.key, self.offsets, self.target = key, offsets, target
+
+    def create_local_plan(self) -> LoadPlan:
+        box = ChunkStorageMetadata(offsets=torch.Size(self.offsets), sizes=self.target.shape)
+        saved = self.metadata.state_dict_metadata[self.key]
+        reads = create_read_items_for_chunk_list(self.key, saved, [box])
+        covered = sum(math.prod(read.lengths) for read in reads)
+        if covered != self.target.numel():
+            raise ValueError(
+                f"the stored chunks of {self.key!r} cover {covered} of the {self.target.numel()} values "
+                f"at offsets {self.offsets}: the checkpoint is incomplete"
+            )
+        return LoadPlan(reads)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.target
+
+
+class SavedTensors:
+    """The model tensors of a torch_dist checkpoint folder (megatron.core dist_checkpointing), read
+    whole, one ``keymap.Entry`` at a time, without a model or a process group; optimizer states and
+    the other saved objects are never read."""
+
+    def __init__(self, folder: Path, num_layers: int):
+        self.folder, self.num_layers = folder, num_layers
+        self._reader = _MetadataOnce(str(folder))
+        self._saved = self._reader.read_metadata().state_dict_metadata
+
+    def _metadata(self, entry: keymap.Entry) -> TensorStorageMetadata:
+        saved = self._saved.get(entry.checkpoint_key)
+        if not isinstance(saved, TensorStorageMetadata):
+            model_keys = sorted(k for k, v in self._saved.items() if isinstance(v, TensorStorageMetadata))
+            raise KeyError(
+                f"{self.folder} stores no tensor {entry.checkpoint_key!r} (for {entry.megatron}); it has "
+                f"{', '.join(model_keys[:8])}{', ...' if len(model_keys) > 8 else ''}. Was it saved by "
+                "Tandem's trainer or import (megatron.core torch_dist), with the model config beside it?"
+            )
+        if entry.layer is not None and saved.size[0] != self.num_layers:
+            raise ValueError(
+                f"{self.folder} stacks {saved.size[0]} layers under {entry.checkpoint_key!r}, but its "
+                f"config.yaml says num_layers={self.num_layers}"
+            )
+        return saved
+
+    def placeholder(self, entry: keymap.Entry, dtype: torch.dtype) -> torch.Tensor:
+        """An empty meta tensor with the shape of ``entry``'s whole tensor."""
+        size = self._metadata(entry).size
+        return torch.empty(size[1:] if entry.layer is not None else size, dtype=dtype, device="meta")
+
+    def read(self, entry: keymap.Entry, dtype: torch.dtype) -> torch.Tensor:
+        """``entry``'s whole tensor, cast to ``dtype`` (while it is copied out of the stored chunks)."""
+        size = self._metadata(entry).size
+        if entry.layer is None:
+            target = torch.empty(size, dtype=dtype)
+            offsets = (0,) * len(size)
+        else:
+            target = torch.empty((1, *size[1:]), dtype=dtype)  # [1, ...]: one layer of the stack
+            offsets = (entry.layer,) + (0,) * (len(size) - 1)
+        with warnings.catch_warnings():
+            # One process reading files is the intent here; torch warns that it assumes so.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            planner = _BoxPlanner(entry.checkpoint_key, offsets, target)
+            dcp_load({}, storage_reader=self._reader, planner=planner, no_dist=True)
+        return target[0] if entry.layer is not None else target
+
+
+class _SafetensorsFile:
+    """A safetensors file written a tensor at a time.
+
+    safetensors' ``save_file`` takes every tensor of the file at once: a whole shard (up to SHARD_SIZE,
+    the whole model below it) in memory, and twice that in the versions that copy the tensors to
+    bytes first. The format is a little-endian u64 header length, a JSON header (name -> dtype,
+    shape, byte range) and the tensors' bytes back to back; the header is fixed here from
+    ``planned`` (meta tensors, in write order), and each tensor is appended as it is converted."""
+
+    def __init__(self, file, name: str, planned: dict[str, torch.Tensor]):
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for tensor_name, tensor in planned.items():
+            size = tensor.numel() * tensor.element_size()
+            header[tensor_name] = {
+                "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keeps the tensors 8-byte aligned, as safetensors itself does
+        self.name, self._file, self._planned = name, file, iter(planned.items())
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        got = (name, tuple(tensor.shape), tensor.dtype)
+        planned = next(self._planned, None)
+        expected = None if planned is None else (planned[0], tuple(planned[1].shape), planned[1].dtype)
+        if got != expected:
+            raise RuntimeError(f"{self.name}: got {got}; the header planned {expected or 'no more tensors'}")
+        self._file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    def check_complete(self) -> None:
+        left = next(self._planned, None)
+        if left is not None:
+            raise RuntimeError(f"{self.name}: its tensor {left[0]} was never written")
+
+
+def _export_weights(saved: SavedTensors, cfg: ModelConfig, dtype: torch.dtype, folder: Path) -> None:
+    """``model.safetensors`` or shards of at most SHARD_SIZE with ``model.safetensors.index.json``,
+    written a tensor at a time (memory: the largest tensor, not the model)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    entries = keymap.entries(cfg, keymap.LAYOUTS[MODEL_TYPE])
+    planned: dict[str, torch.Tensor] = {}
+    for entry in entries:  # the conversion run on meta tensors: names, shapes and order, no data
+        planned.update(keymap.entry_to_hf(entry, saved.placeholder(entry, dtype), cfg))
+    split = split_torch_state_dict_into_shards(planned, max_shard_size=SHARD_SIZE)
+    with contextlib.ExitStack() as stack:
+        files = {
+            filename: _SafetensorsFile(
+                stack.enter_context(open(folder / filename, "wb")), filename, {n: planned[n] for n in names}
+            )
+            for filename, names in split.filename_to_tensors.items()
+        }
+        for entry in entries:
+            for name, tensor in keymap.entry_to_hf(entry, saved.read(entry, dtype), cfg).items():
+                files[split.tensor_to_filename[name]].write(name, tensor)
+        for file in files.values():
+            file.check_complete()
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+class _SafetensorsSource:
+    """The tensors of a Hugging Face folder's safetensors files, read and converted an entry at a time."""
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(
-            f"{folder} has no model.safetensors (or index); only safetensors weights are read"
-        )
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(str(folder / name)))
-    return state
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._file_of = {name: folder / file for name, file in weight_map.items()}
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(str(folder / "model.safetensors"), "pt") as f:
+                self._file_of = dict.fromkeys(f.keys(), folder / "model.safetensors")
+        else:
+            raise FileNotFoundError(
+                f"{folder} has no model.safetensors (or index); only safetensors weights are read"
+            )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def dtypes(self) -> set[str]:
+        """The safetensors dtype names (``BF16``, ``F32``, ...) of the stored tensors, from the headers."""
+        from safetensors import safe_open
+
+        found = set()
+        for path in set(self._file_of.values()):
+            with safe_open(str(path), "pt") as f:
+                found |= {f.get_slice(n).get_dtype() for n, p in self._file_of.items() if p == path}
+        return found
+
+    def convert(self, entry: keymap.Entry, cfg: ModelConfig, dtype: torch.dtype) -> torch.Tensor:
+        """``entry``'s whole Megatron tensor, in ``dtype`` and in memory of its own."""
+        from safetensors import safe_open
+
+        missing = [n for n in entry.hf if n not in self._file_of]
+        if missing:
+            raise KeyError(keymap.missing_hf_message(missing[0], entry))
+        read = {}
+        # The tensors view the file's mapping, and every page read stays resident while it is open:
+        # one opening per entry keeps one entry resident instead of the whole file.
+        for path in dict.fromkeys(self._file_of[n] for n in entry.hf):
+            with safe_open(str(path), "pt") as f:
+                read.update({n: f.get_tensor(n) for n in entry.hf if self._file_of[n] == path})
+        tensor = keymap.entry_from_hf(entry, [read[n] for n in entry.hf], cfg).to(dtype)
+        # A conversion that only renames hands back the source tensor itself, a view of the mapping.
+        if any(tensor.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in read.values()):
+            tensor = tensor.clone()
+        return tensor
 
 
 def export_checkpoint(
@@ -169,14 +358,13 @@ def export_checkpoint(
     info = find_checkpoint(checkpoint)
     out = Path(out)
     dtype = dtype or ("bfloat16" if info.precision.dtype is Dtype.bf16 else "float32")
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(TORCH_DTYPES)}")
+    if dtype not in HF_DTYPES:
+        raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(HF_DTYPES)}")
     tokenizer_info = load_tokenizer_info(info.tokenizer)
     mask_id = (
         info.objective.mask_token_id if info.objective.mask_token_id is not None else tokenizer_info.mask_id
     )
-    state = keymap.to_hf(load_megatron_state(info), info.model, keymap.LAYOUTS[MODEL_TYPE])
-    state = {k: v.to(TORCH_DTYPES[dtype]) for k, v in state.items()}
+    saved = SavedTensors(info.folder, info.model.num_layers)
     tokenizer = AutoTokenizer.from_pretrained(str(info.tokenizer))
     config = nld_config(
         info.model,
@@ -192,7 +380,7 @@ def export_checkpoint(
     )
     tmp = _atomic_folder(out, overwrite)
     try:
-        save_safetensors(state, tmp)
+        _export_weights(saved, info.model, HF_DTYPES[dtype], tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save_pretrained(str(tmp))
         for name, source in REMOTE_CODE.items():
@@ -222,7 +410,8 @@ def import_hf(
     ``mask_token_id``, else a new ``<|mask|>`` token appended to the vocabulary (its embedding and head
     rows initialised to the mean embedding). A tied source head becomes an untied head initialised from
     the embedding. ``tp``/``pp`` are checked against the shapes; torch_dist checkpoints reshard on load,
-    so the folder serves any layout."""
+    so the folder serves any layout. The weights are stored in bf16 when the source is all bf16, else
+    in fp32; memory: one copy of them."""
     from transformers import AutoTokenizer
 
     hf_dir, out = Path(hf_dir), Path(out)
@@ -231,18 +420,20 @@ def import_hf(
         raise FileNotFoundError(f"{hf_dir} has no config.json: give a Hugging Face model folder")
     hf = json.loads(config_file.read_text())
     model = model_from_hf(hf, name=hf_dir.name)
+    source_vocab = model.vocab_size
     nld = hf.get("model_type") == MODEL_TYPE
     layout = keymap.LAYOUTS[MODEL_TYPE if nld else "llama"]
-    source = load_safetensors(hf_dir)
-    source_dtype = next(iter(source.values())).dtype
+    source = _SafetensorsSource(hf_dir)
     tied = bool(hf.get("tie_word_embeddings", False)) and layout.head not in source
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    # A tokenizer needs no remote code; left unsaid, transformers asks on the terminal whether to run
+    # an NLD export's modeling code (and waits for an answer).
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=False)
     mask_id = hf.get("mask_token_id") if nld else mask_token_id
     if mask_id is None and tokenizer.mask_token_id is not None:
         mask_id = tokenizer.mask_token_id
-    state = keymap.from_hf(source, model, layout, tied_head=tied)
-    if mask_id is None:
-        mask_id, model, state = _add_mask_token(tokenizer, model, state)
+    added_mask = mask_id is None
+    if added_mask:
+        mask_id, model = _add_mask_token(tokenizer, model)
     if not 0 <= mask_id < model.vocab_size:
         raise ValueError(f"mask token id {mask_id} is outside the vocabulary of {model.vocab_size}")
     objective = ObjectiveConfig(mask_token_id=mask_id, block_size=block_size or hf.get("block_size", 32))
@@ -251,7 +442,8 @@ def import_hf(
         objective.ar_weight = hf.get("ar_loss_weight", 1.0)
         objective.diffusion_weight = hf.get("dlm_loss_weight") or 0.3
     _check_layout(model, tp, pp)
-    precision = PrecisionConfig(dtype=Dtype.bf16 if source_dtype == torch.bfloat16 else Dtype.fp32)
+    precision = PrecisionConfig(dtype=Dtype.bf16 if source.dtypes() == {"BF16"} else Dtype.fp32)
+    stored = torch.bfloat16 if precision.dtype is Dtype.bf16 else torch.float32
     train_cfg = OmegaConf.structured(TrainConfig)
     train_cfg.model, train_cfg.objective, train_cfg.precision = model, objective, precision
     config_yaml = OmegaConf.to_yaml(train_cfg)
@@ -262,16 +454,25 @@ def import_hf(
     try:
         tokenizer.save_pretrained(str(tmp / "tokenizer.staged"))
         with single_process():
-            megatron = build_model(_local(model), ParallelConfig(), PrecisionConfig())
-            missing, unexpected = megatron.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.endswith("_extra_state")]
-            if missing or unexpected:
-                raise KeyError(
-                    f"converted weights do not fit the model: missing {missing[:3]}, "
-                    f"unexpected {unexpected[:3]}"
-                )
+            sharded = _meta_sharded_state(model, precision.dtype)
+            mean_embedding = None
+            for entry in keymap.entries(model, layout, tied_head=tied):
+                tensor = source.convert(entry, model, stored)
+                if added_mask and entry.rule.kind == "vocab":
+                    mean_embedding = tensor[:source_vocab].mean(dim=0)
+                if added_mask and entry.rule.kind in ("vocab", "head"):
+                    tensor[mask_id] = mean_embedding
+                _place(sharded, entry, tensor)
+            placeholders = [k for k, v in sharded.items() if _is_placeholder(v)]
+            if placeholders:
+                raise KeyError(f"converted weights do not fit the model: missing {placeholders[:3]}")
             ckpt.save(
-                tmp, [megatron], None, ckpt.TrainState(), config_yaml, tokenizer=tmp / "tokenizer.staged"
+                tmp,
+                [_ConvertedModel(sharded)],
+                None,
+                ckpt.TrainState(),
+                config_yaml,
+                tokenizer=tmp / "tokenizer.staged",
             )
         shutil.rmtree(tmp / "tokenizer.staged")
         _publish(tmp, out)
@@ -279,6 +480,51 @@ def import_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _meta_sharded_state(model: ModelConfig, dtype: Dtype) -> dict:
+    """The sharded state dict (TP = PP = 1) of the model on the meta device: every key, shape, layer
+    offset, factory and extra-state object megatron.core writes, and no weights."""
+    built = build_model(_local(model), ParallelConfig(), PrecisionConfig(dtype=dtype), meta=True)
+    return built.sharded_state_dict()
+
+
+def _is_placeholder(item) -> bool:
+    return isinstance(item, ShardedTensor | ShardedTensorFactory) and item.data.is_meta
+
+
+def _place(sharded: dict, entry: keymap.Entry, tensor: torch.Tensor) -> None:
+    """Put the converted ``tensor`` where the meta model's ``entry.megatron`` placeholder is."""
+    placeholder = sharded.get(entry.megatron)
+    if not _is_placeholder(placeholder):
+        raise KeyError(f"converted weights do not fit the model: unexpected {entry.megatron!r}")
+    if tensor.shape != placeholder.data.shape:
+        raise ValueError(
+            f"{', '.join(entry.hf)} give {entry.megatron} the shape {tuple(tensor.shape)}; the model of "
+            f"config.json has {tuple(placeholder.data.shape)}"
+        )
+    if isinstance(placeholder, ShardedTensorFactory):
+        # A factory (SwiGLU's [gate; up]) saves views of its tensor, and megatron's writer copies every
+        # view it is given, all before it writes: build the pieces now, each in its own storage, so
+        # that the checkpoint writer holds one copy of the weights.
+        built = dataclasses.replace(placeholder, data=tensor).build()
+        sharded[entry.megatron] = dict_list_map_outplace(
+            lambda piece: dataclasses.replace(piece, data=piece.data.clone()), built
+        )
+    else:
+        # The meta model keeps its norms in fp32 (the trainer's Float16Module casts them); the
+        # checkpoint stores every tensor in the one dtype, as the trainer's checkpoints do.
+        sharded[entry.megatron] = dataclasses.replace(placeholder, data=tensor, dtype=tensor.dtype)
+
+
+class _ConvertedModel:
+    """What ``checkpoint.save`` asks of a model, its sharded state dict, here holding converted weights."""
+
+    def __init__(self, sharded: dict):
+        self._sharded = sharded
+
+    def sharded_state_dict(self) -> dict:
+        return self._sharded
 
 
 def _check_layout(model: ModelConfig, tp: int, pp: int) -> None:
@@ -289,14 +535,9 @@ def _check_layout(model: ModelConfig, tp: int, pp: int) -> None:
         raise ConfigError(f"--pp {pp} does not divide the {model.num_layers} layers of this model")
 
 
-def _add_mask_token(tokenizer, model: ModelConfig, state: dict[str, torch.Tensor]):
+def _add_mask_token(tokenizer, model: ModelConfig) -> tuple[int, ModelConfig]:
+    """Give ``tokenizer`` a ``<|mask|>`` token; returns its id and ``model`` with room for it (a source
+    whose embedding has unused rows past the tokenizer keeps them)."""
     tokenizer.add_special_tokens({"mask_token": "<|mask|>"})
     mask_id = tokenizer.mask_token_id
-    grown = dataclasses.replace(model, vocab_size=mask_id + 1)
-    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        weight = state[name]
-        rows = torch.zeros(grown.padded_vocab_size, weight.shape[1], dtype=weight.dtype)
-        rows[: model.vocab_size] = weight[: model.vocab_size]
-        rows[mask_id] = state["embedding.word_embeddings.weight"][: model.vocab_size].mean(dim=0)
-        state[name] = rows
-    return mask_id, grown, state
+    return mask_id, dataclasses.replace(model, vocab_size=max(model.vocab_size, mask_id + 1))

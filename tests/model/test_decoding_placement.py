@@ -128,7 +128,8 @@ def test_a_generator_on_another_device_is_refused_with_the_fix(model):
     on_device = copy.deepcopy(model)
     with simulated_gpu():
         on_device.cuda()
-        with pytest.raises(ValueError, match=r"generator is on cpu but the model is on cuda:0.*model\.device"):
+        refused = r"generator is on cpu but the model is on cuda:0.*torch\.Generator\(device=model\.device\)"
+        with pytest.raises(ValueError, match=refused):
             on_device.ar_generate(
                 torch.tensor([PROMPT], device="cuda"),
                 max_new_tokens=3,
