@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from model.config import ModelConfig
+
 # A two-layer model small enough for CPU steps in a second, on the demo data's vocabulary.
 SMALL_MODEL = [
     "model.num_layers=2",
@@ -12,3 +14,19 @@ SMALL_MODEL = [
     "data.seq_length=64",
     "objective.block_size=16",
 ]
+
+
+def tiny_model(**overrides) -> ModelConfig:
+    """A 2-layer GQA model (d=64, 4 heads over 2 groups) for in-process tests, vocabulary 300."""
+    values = dict(
+        name="test",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=160,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=300,
+        max_position_embeddings=256,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)

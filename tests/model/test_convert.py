@@ -26,22 +26,13 @@ from model.config import ModelConfig, ParallelConfig, PrecisionConfig
 from model.hf_config import MODEL_TYPE
 from model.megatron import build_model
 from tests.conftest import run_torchrun
+from tests.factories import tiny_model
 from train import checkpoint as ckpt
 from train.config import ObjectiveConfig, TrainConfig
 from train.hf import export_checkpoint, find_checkpoint, import_hf, load_megatron_state
 
 # The tiny model of these tests: 2 layers, a vocabulary padded from 300 to 384 rows, QK-norm on.
-TINY = dict(
-    name="convert-test",
-    num_layers=2,
-    hidden_size=64,
-    ffn_hidden_size=160,
-    num_attention_heads=4,
-    num_query_groups=2,
-    vocab_size=300,
-    max_position_embeddings=128,
-    qk_layernorm=True,
-)
+TINY = dict(name="convert-test", max_position_embeddings=128, qk_layernorm=True)
 
 
 def _config_yaml(model_cfg: ModelConfig) -> str:
@@ -61,7 +52,7 @@ def _worker() -> None:
     cpu.enable()
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(2, 1)
-    model_cfg = ModelConfig(**TINY)
+    model_cfg = tiny_model(**TINY)
     torch.manual_seed(5)
     model = build_model(model_cfg, ParallelConfig(tensor=2), PrecisionConfig())
     ckpt.save(
@@ -130,7 +121,7 @@ def tokenizer(tmp_path_factory) -> Path:
 def tp1(megatron_single, tokenizer, tmp_path_factory):
     """(model, checkpoint root) of a random tiny model saved at TP=1."""
     root = tmp_path_factory.mktemp("tp1") / "ckpt"
-    model_cfg = ModelConfig(**TINY)
+    model_cfg = tiny_model(**TINY)
     torch.manual_seed(0)
     model = build_model(model_cfg, ParallelConfig(), PrecisionConfig()).eval()
     ckpt.save(root, [model], None, ckpt.TrainState(), _config_yaml(model_cfg), tokenizer=tokenizer)
@@ -171,7 +162,7 @@ def tp2(imported, tokenizer, tmp_path_factory) -> tuple[Path, Path, Path]:
 
 def test_export_writes_the_models_own_weights(tp1, tp1_export):
     model, _ = tp1
-    model_cfg = ModelConfig(**TINY)
+    model_cfg = tiny_model(**TINY)
     got = weights(tp1_export)
     assert_identical(got, keymap.to_hf(keymap.to_local_names(model.state_dict()), model_cfg, NLD))
     assert got["encoder.embed_tokens.weight"].shape == (model_cfg.vocab_size, model_cfg.hidden_size)
@@ -247,7 +238,7 @@ def test_bf16_import_stores_bf16_and_round_trips(tp1, tmp_path):
 
 def test_imported_checkpoint_loads_in_the_trainer_at_tp1_and_tp2(tp1, imported, tp2, tmp_path):
     model, _ = tp1
-    vocab = TINY["vocab_size"]
+    vocab = tiny_model().vocab_size
     original = keymap.to_local_names(model.state_dict())
     loaded = load_megatron_state(find_checkpoint(imported))  # ckpt.load into a TP=1 model
     assert loaded.keys() == original.keys()
@@ -256,7 +247,7 @@ def test_imported_checkpoint_loads_in_the_trainer_at_tp1_and_tp2(tp1, imported, 
         assert torch.equal(loaded[name][:rows], tensor[:rows]), name
     _, resharded, _ = tp2  # ckpt.load at TP=2, then saved at TP=2 again
     out = export_checkpoint(resharded, tmp_path / "resharded", dtype="float32")
-    assert_identical(weights(out), keymap.to_hf(original, ModelConfig(**TINY), NLD))
+    assert_identical(weights(out), keymap.to_hf(original, tiny_model(**TINY), NLD))
 
 
 def test_meta_layout_is_the_layout_of_build_model(megatron_single):
@@ -267,7 +258,7 @@ def test_meta_layout_is_the_layout_of_build_model(megatron_single):
     from model.config import Dtype
     from train.hf import _meta_sharded_state
 
-    model_cfg = ModelConfig(**TINY)
+    model_cfg = tiny_model(**TINY)
     built = build_model(model_cfg, ParallelConfig(), PrecisionConfig()).sharded_state_dict()
     meta = _meta_sharded_state(model_cfg, Dtype.fp32)
     assert meta.keys() == built.keys()

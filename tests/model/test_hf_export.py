@@ -20,6 +20,7 @@ from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfi
 from model.generation import decode, encode_prompt, load_export
 from model.megatron import build_model
 from tests.conftest import REPO
+from tests.factories import tiny_model
 from tests.model.reference_decoding import (
     reference_ar,
     reference_diffusion,
@@ -44,18 +45,7 @@ YARN = RopeConfig(
 
 
 def tiny(vocab: int, **overrides) -> ModelConfig:
-    values = dict(
-        name="tiny-test",
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=160,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=vocab,
-        max_position_embeddings=256,
-    )
-    values.update(overrides)
-    return ModelConfig(**values)
+    return tiny_model(name="tiny-test", vocab_size=vocab, **overrides)
 
 
 def save_checkpoint(root: Path, model_cfg: ModelConfig, tokenizer: Path, block_size: int, seed: int = 0):

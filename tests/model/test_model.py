@@ -18,6 +18,7 @@ from model import keymap
 from model.attention import attention_inputs
 from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
 from model.megatron import build_model
+from tests.factories import tiny_model
 
 YARN = RopeConfig(
     rope_type=RopeType.yarn,
@@ -40,19 +41,7 @@ LLAMA3 = RopeConfig(
 )
 
 
-def small(**overrides) -> ModelConfig:
-    values = dict(
-        name="test",
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=160,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=300,
-        max_position_embeddings=256,
-    )
-    values.update(overrides)
-    return ModelConfig(**values)
+small = tiny_model
 
 
 def build(cfg: ModelConfig, seed: int = 0):
