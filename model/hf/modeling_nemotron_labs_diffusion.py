@@ -35,12 +35,13 @@ from .configuration_nemotron_labs_diffusion import NemotronLabsDiffusionConfig
 from .tandem_decoding import (
     AutoregressiveDecoder,
     BlockDiffusionDecoder,
-    Decoded,
     FusedSelfSpeculativeDecoder,
     KVCache,
+    Pass,
     SelfSpeculativeDecoder,
+    decode_batch,
 )
-from .tandem_masks import CleanAttention, bidirectional, block_diffusion, causal, dense, shifted
+from .tandem_masks import CleanAttention, bidirectional, block_diffusion, causal, dense
 from .tandem_rope import cos_sin, inverse_frequencies, query_scale, rotate
 
 
@@ -82,7 +83,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, rotary: Rotary, mask: torch.Tensor, cache: KVCache | None, write: bool):
+    def forward(self, x, rotary: Rotary, mask: torch.Tensor | None, cache: KVCache | None):
         B, S, _ = x.shape
         q_BNSH = self.q_proj(x).view(B, S, self.heads, self.head_dim)
         k_BGSH = self.k_proj(x).view(B, S, self.groups, self.head_dim)
@@ -94,7 +95,7 @@ class Attention(nn.Module):
         if rotary.query_scale is not None:
             q_BNSH = q_BNSH * rotary.query_scale
         if cache is not None:
-            k_BGSH, v_BGSH = cache.attend(self.layer, k_BGSH, v_BGSH, write)
+            k_BGSH, v_BGSH = cache.attend(self.layer, k_BGSH, v_BGSH)
         repeat = self.heads // self.groups
         k_BNTH = k_BGSH.repeat_interleave(repeat, dim=1)
         v_BNTH = v_BGSH.repeat_interleave(repeat, dim=1)
@@ -121,8 +122,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rotary, mask, cache, write):
-        x = x + self.self_attn(self.input_layernorm(x), rotary, mask, cache, write)
+    def forward(self, x, rotary, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -145,11 +146,11 @@ class Encoder(nn.Module):
             ).to(dtype)
         return Rotary(cos, sin, scale)
 
-    def forward(self, input_ids, position_ids, mask, cache: KVCache | None = None, write: bool = False):
+    def forward(self, input_ids, position_ids, mask, cache: KVCache | None = None):
         x = self.embed_tokens(input_ids)
         rotary = self.rotary(position_ids, x.dtype)
         for layer in self.layers:
-            x = layer(x, rotary, mask, cache, write)
+            x = layer(x, rotary, mask, cache)
         return self.norm(x)
 
 
@@ -182,8 +183,8 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
 
     # ---- forward ------------------------------------------------------------------------------
 
-    def _logits(self, input_ids, position_ids, mask, cache=None, write=False):
-        return self.diffusion_head(self.encoder(input_ids, position_ids, mask, cache, write))
+    def _logits(self, input_ids, position_ids, mask, cache=None):
+        return self.diffusion_head(self.encoder(input_ids, position_ids, mask, cache))
 
     def _paradigm_mask(self, paradigm: str, length: int, device) -> torch.Tensor:
         if paradigm == "autoregressive":
@@ -288,15 +289,11 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
 
     # ---- decoding -------------------------------------------------------------------------------
 
-    def _step(self, ids: torch.Tensor, cache: KVCache, mask_mod, write: bool, positions=None) -> torch.Tensor:
-        start, S = cache.length, ids.shape[1]
-        device = self.diffusion_head.weight.device
-        ids = ids.to(device)
-        if positions is None:
-            positions = torch.arange(start, start + S, device=device)
-        positions = positions.to(device)[None]
-        mask = dense(shifted(mask_mod, start), S, start + S, device=device)
-        return self._logits(ids, positions, mask, cache, write)
+    def _step(self, batch: Pass, cache: KVCache) -> torch.Tensor:
+        """One decoding pass (``tandem_decoding.Step``): logits [B, S, V] of the batch's new tokens."""
+        # A pass every key of which every query may see (one AR token at batch 1) needs no mask.
+        mask = None if batch.mask.shape[0] == 1 and bool(batch.mask.all()) else batch.mask
+        return self._logits(batch.tokens, batch.positions, mask, cache)
 
     def _decode(
         self,
@@ -306,17 +303,19 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         temperature,
         eos_token_id,
         generator,
+        attention_mask=None,
         mask_token_id=None,
         lookahead: int = 1,
     ):
-        prompt = self._check_prompt(prompt_ids, max_new_tokens, lookahead)
+        prompts = self._check_prompt(prompt_ids, attention_mask, max_new_tokens, lookahead)
         eos = eos_token_id if eos_token_id is not None else getattr(self.config, "eos_token_id", None)
         eos_ids = set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
         mask_id = self.config.mask_token_id if mask_token_id is None else mask_token_id
         with torch.no_grad():
-            decoded: Decoded = decoder.decode(
+            rows, passes = decode_batch(
+                decoder,
                 self._step,
-                prompt,
+                prompts,
                 max_new_tokens,
                 mask_id,
                 eos_ids,
@@ -324,29 +323,48 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
                 generator,
                 device=self.diffusion_head.weight.device,
             )
-        ids = torch.tensor([prompt + decoded.tokens], dtype=torch.long, device=prompt_ids.device)
-        self.last_decoded = decoded  # passes by kind and accepted drafts, for benchmarks
-        return ids, decoded.nfe
+        # The prompts as given (left padding kept), then each row's tokens, right-padded for the batch.
+        pad = getattr(self.config, "pad_token_id", None)
+        pad = pad if pad is not None else (next(iter(eos_ids)) if eos_ids else 0)
+        width = max(len(r.tokens) for r in rows)
+        generated = [r.tokens + [pad] * (width - len(r.tokens)) for r in rows]
+        new = torch.tensor(generated, dtype=torch.long, device=prompt_ids.device).view(len(rows), width)
+        self.last_decoded = rows[0]  # passes by kind and accepted drafts, for benchmarks
+        self.last_decoded_rows = rows
+        return torch.cat([prompt_ids, new], dim=1), passes
 
-    def _check_prompt(self, prompt_ids: torch.Tensor, max_new_tokens: int, lookahead: int = 1) -> list[int]:
-        """``lookahead``: blocks a pass may place beyond the last emitted token (2 when pre-drafting)."""
-        if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
-            raise ValueError(
-                f"prompt_ids must have shape [1, P] (one prompt at a time); got {tuple(prompt_ids.shape)}"
-            )
-        if prompt_ids.shape[1] == 0:
-            raise ValueError("the prompt is empty: give at least one token (e.g. the BOS/EOS token)")
+    def _check_prompt(
+        self, prompt_ids: torch.Tensor, attention_mask, max_new_tokens: int, lookahead: int = 1
+    ) -> list[list[int]]:
+        """The prompts of ``prompt_ids`` [B, P] without their left padding (``attention_mask`` [B, P],
+        1 = token, 0 = padding). ``lookahead``: blocks a pass may place beyond the last emitted token
+        (2 when pre-drafting)."""
+        if prompt_ids.dim() != 2:
+            raise ValueError(f"prompt_ids must have shape [B, P]; got {tuple(prompt_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(prompt_ids)
+        if attention_mask.shape != prompt_ids.shape:
+            shapes = f"{tuple(attention_mask.shape)} and {tuple(prompt_ids.shape)}"
+            raise ValueError(f"attention_mask and prompt_ids must have the same shape; got {shapes}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        total = prompt_ids.shape[1] + max_new_tokens + lookahead * self.config.block_size
+        prompts = []
+        for ids, keep in zip(prompt_ids.tolist(), attention_mask.bool().tolist(), strict=True):
+            if any(keep[i] and not keep[i + 1] for i in range(len(keep) - 1)):
+                raise ValueError("attention_mask must pad prompts on the left (zeros before the tokens)")
+            prompts.append([t for t, k in zip(ids, keep, strict=True) if k])
+        longest = max(map(len, prompts), default=0)
+        if not prompts or min(map(len, prompts)) == 0:
+            raise ValueError("a prompt is empty: give at least one token (e.g. the BOS/EOS token)")
+        total = longest + max_new_tokens + lookahead * self.config.block_size
         if total > self.config.max_position_embeddings:
             blocks = "one block" if lookahead == 1 else f"{lookahead} blocks"
             raise ValueError(
-                f"a prompt of {prompt_ids.shape[1]} tokens plus {max_new_tokens} new tokens (and {blocks} "
+                f"a prompt of {longest} tokens plus {max_new_tokens} new tokens (and {blocks} "
                 f"of {self.config.block_size}) exceeds the context of "
                 f"{self.config.max_position_embeddings} positions; shorten the prompt or ask for fewer tokens"
             )
-        return prompt_ids[0].tolist()
+        return prompts
 
     def _check_block(self, block_length: int | None) -> int:
         block_length = block_length or self.config.block_size
@@ -364,12 +382,20 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         eos_token_id=None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        attention_mask: torch.Tensor | None = None,
         **kwargs,
     ):
-        """Autoregressive decoding; returns (prompt + generated ids [1, P+N], forward passes)."""
+        """Autoregressive decoding of ``prompt_ids`` [B, P] (left-padded per ``attention_mask``);
+        returns (prompts + generated ids [B, P+N], forward passes)."""
         return self._decode(
-            AutoregressiveDecoder(), prompt_ids, max_new_tokens, temperature, eos_token_id, generator
+            AutoregressiveDecoder(),
+            prompt_ids,
+            max_new_tokens,
+            temperature,
+            eos_token_id,
+            generator,
+            attention_mask=attention_mask,
         )
 
     def generate(
@@ -381,12 +407,21 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         threshold: float | None = 0.9,
         temperature: float = 0.0,
         eos_token_id=None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        attention_mask: torch.Tensor | None = None,
         **kwargs,
     ):
         """Block diffusion; ``threshold`` commits confident tokens (None: ``steps`` passes per block)."""
         decoder = BlockDiffusionDecoder(self._check_block(block_length), threshold=threshold, steps=steps)
-        return self._decode(decoder, prompt_ids, max_new_tokens, temperature, eos_token_id, generator)
+        return self._decode(
+            decoder,
+            prompt_ids,
+            max_new_tokens,
+            temperature,
+            eos_token_id,
+            generator,
+            attention_mask=attention_mask,
+        )
 
     def linear_spec_generate(
         self,
@@ -397,11 +432,21 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         mask_token_id: int | None = None,
         eos_token_id=None,
         threshold: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        draft_steps: int | None = None,
+        verification: str = "rejection",
         **kwargs,
     ):
-        """Self-speculation: diffusion drafts a block, the AR pass verifies it (lossless at temperature 0)."""
-        decoder = SelfSpeculativeDecoder(self._check_block(block_length), draft_threshold=threshold)
+        """Self-speculation: diffusion drafts a block, the AR pass verifies it (lossless at temperature 0;
+        at temperature > 0 speculative sampling keeps AR's distribution). ``threshold`` > 0 or
+        ``draft_steps`` refine each draft over several passes."""
+        decoder = SelfSpeculativeDecoder(
+            self._check_block(block_length),
+            draft_threshold=threshold,
+            draft_steps=draft_steps,
+            verification=verification,
+        )
         return self._decode(
             decoder,
             prompt_ids,
@@ -409,6 +454,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
             temperature,
             eos_token_id,
             generator,
+            attention_mask=attention_mask,
             mask_token_id=mask_token_id,
         )
 
@@ -420,11 +466,17 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         temperature: float = 0.0,
         mask_token_id: int | None = None,
         eos_token_id=None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        verification: str = "rejection",
+        redraft: bool = False,
     ):
         """Self-speculation in one pass per iteration: the verify pass also drafts the next block for
-        every possible acceptance length (``block_length`` + ``block_length``^2 slots per pass)."""
-        decoder = FusedSelfSpeculativeDecoder(self._check_block(block_length))
+        every possible acceptance length (``block_length`` + ``block_length``^2 slots per pass);
+        ``redraft`` drafts again, in one more pass, a pre-draft that did not foresee the AR token."""
+        decoder = FusedSelfSpeculativeDecoder(
+            self._check_block(block_length), verification=verification, redraft=redraft
+        )
         return self._decode(
             decoder,
             prompt_ids,
@@ -432,6 +484,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
             temperature,
             eos_token_id,
             generator,
+            attention_mask=attention_mask,
             mask_token_id=mask_token_id,
             lookahead=2,
         )

@@ -1,9 +1,11 @@
-"""The decoding modes of a joint AR + block-diffusion model, over one KV cache (batch 1).
+"""The decoding modes of a joint AR + block-diffusion model, for a batch of prompts over one KV cache.
 
-The model side is one call, ``step(tokens [1, S], cache, mask_mod, write, positions) -> logits
-[1, S, V]``: the tokens sit at RoPE positions ``positions`` (default ``cache.length ..``), attend to
-the cache and to each other as ``mask_mod`` (a predicate of ``tandem_masks``) allows, and their
-keys/values are appended when ``write``. Every call is one forward pass and counts in ``nfe``.
+Each decoder is written for one sequence, as a generator that yields the forward pass it needs next
+(``Request``: tokens, the attention predicate, RoPE positions, whether the tokens join the cache) and
+receives that pass's logits. ``decode_batch`` runs one such generator per prompt and serves all of
+their requests with one batched forward pass at a time, so every row decodes exactly as it would
+alone (rows never see each other), each on its own schedule: in one pass one row may denoise a block
+while another appends one. The model side is one call, ``step(batch: Pass, cache) -> logits [B, S, V]``.
 
 - ``AutoregressiveDecoder``: causal prefill, then one token per pass.
 - ``BlockDiffusionDecoder``: each block starts ``[seed, MASK x (B-1)]`` where the seed is the AR
@@ -11,64 +13,116 @@ keys/values are appended when ``write``. Every call is one forward pass and coun
   commit masked positions whose confidence reaches ``threshold`` (at least one per pass), then one
   causal pass appends the finished block and yields the next seed (Nemotron-Labs-Diffusion's
   ``generate``; Fast-dLLM's threshold rule, Wu et al. 2025, Sec. 3.3).
-- ``SelfSpeculativeDecoder``: one bidirectional draft pass fills the block's masks (no cache
-  write), one causal verify pass scores it; the longest prefix where draft[i+1] == AR[i] is kept,
-  plus the AR token at the first mismatch, and the cache is cropped to the kept tokens. At
-  temperature 0 every emitted token is the AR argmax given the emitted prefix, so the output equals
-  greedy AR decoding; at temperature > 0 exact-match verification keeps the AR distribution.
+- ``SelfSpeculativeDecoder``: draft passes fill the block's masks (no cache write; one pass by
+  default), one causal verify pass scores it, and the cache is cropped to the kept tokens. At
+  temperature 0 a draft is kept while it equals the AR argmax, plus the AR token at the first
+  mismatch, so the output equals greedy AR decoding. At temperature > 0 drafts are verified by the
+  speculative-sampling rule (Leviathan et al. 2023, Alg. 1; Chen et al. 2023): draft token x drawn
+  from q is kept with probability min(1, p(x)/q(x)), else the token comes from norm(max(0, p - q)),
+  which leaves the output distributed exactly as AR sampling from p (``verification="exact"``
+  keeps the older exact-match rule, also distribution-preserving, which accepts less).
 - ``FusedSelfSpeculativeDecoder``: the same verification, with the next block's draft computed in
-  the verify pass itself for every possible outcome (one pass per iteration instead of two).
+  the verify pass itself for every possible outcome (one pass per iteration instead of two). Those
+  pre-drafts cannot see the AR token at the first mismatch (it comes out of the same pass); with
+  ``redraft`` a pre-draft whose own guess for that slot was not the AR token is drafted again from
+  it, one extra bidirectional pass.
 
 The mask token is never emitted (its logit is set to -inf before choosing). Every tensor a decoder
-makes is created on the model's device (``device`` of ``decode``), where the logits and the cache
-are; a sampling generator must live there too. Imports nothing outside torch and its sibling
+makes is created on the model's device (``device`` of ``decode_batch``), where the logits and the
+cache are; a sampling generator must live there too. Imports nothing outside torch and its sibling
 ``tandem_masks`` (copied into the export folder).
+
+Legend: B batch, S new tokens of a pass, T keys (cache + new), G key/value groups, H head_dim, V vocab.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
 
-from .tandem_masks import MaskMod, block_decode, causal, speculate_fused, speculate_fused_positions
+from .tandem_masks import (
+    MaskMod,
+    block_decode,
+    causal,
+    dense,
+    shifted,
+    speculate_fused,
+    speculate_fused_positions,
+)
+
+# ---- the cache and one batched pass ------------------------------------------------------------------
 
 
 class KVCache:
-    """Per-layer keys and values [1, G, T, H] of the tokens decoded so far."""
+    """Preallocated keys and values of a batch: per layer [B, G, capacity, H]. Row b holds its
+    ``lengths[b]`` tokens in slots [0, lengths[b]); a pass writes its new tokens right after them and
+    keeps (``commit``) as many as it says, so a crop is a length, never a copy."""
 
-    def __init__(self):
+    def __init__(self, batch: int, capacity: int):
+        self.lengths = [0] * batch
+        self.capacity = capacity
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self._slots: torch.Tensor | None = None  # [B, S] where this pass writes
+        self._width = 0  # slots the pass attends to
 
-    @property
-    def length(self) -> int:
-        return next(iter(self.keys.values())).shape[2] if self.keys else 0
+    def begin(self, slots: torch.Tensor, width: int) -> None:
+        if width > self.capacity:
+            raise ValueError(f"the decode needs {width} cache slots, more than the {self.capacity} planned")
+        self._slots, self._width = slots, width
 
-    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor, write: bool):
-        """Keys/values to attend to: the cached ones, then ``key``/``value``; stored when ``write``."""
-        if layer in self.keys:
-            key = torch.cat([self.keys[layer], key], dim=2)
-            value = torch.cat([self.values[layer], value], dim=2)
-        if write:
-            self.keys[layer], self.values[layer] = key, value
-        return key, value
+    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        """Store this pass's ``key``/``value`` [B, G, S, H] in their slots; the keys/values [B, G, T, H]
+        the pass attends to (whether a slot may be seen is the pass's mask)."""
+        if layer not in self.keys:
+            shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
+            self.keys[layer] = key.new_zeros(shape)
+            self.values[layer] = value.new_zeros(shape)
+        rows = torch.arange(key.shape[0], device=key.device)[:, None]  # [B, 1]
+        self.keys[layer].transpose(1, 2)[rows, self._slots] = key.transpose(1, 2)
+        self.values[layer].transpose(1, 2)[rows, self._slots] = value.transpose(1, 2)
+        return self.keys[layer][:, :, : self._width], self.values[layer][:, :, : self._width]
 
-    def crop(self, length: int) -> None:
-        for layer in self.keys:
-            self.keys[layer] = self.keys[layer][:, :, :length]
-            self.values[layer] = self.values[layer][:, :, :length]
+    def commit(self, kept: list[int]) -> None:
+        """Row b keeps the first ``kept[b]`` tokens of the pass."""
+        self.lengths = [length + k for length, k in zip(self.lengths, kept, strict=True)]
+
+    def crop(self, row: int, length: int) -> None:
+        self.lengths[row] = length
 
 
-# (ids [1, S], cache, mask predicate, write to the cache?, RoPE positions [S] or None for the next S).
-Step = Callable[[torch.Tensor, KVCache, MaskMod, bool, "torch.Tensor | None"], torch.Tensor]
+@dataclass
+class Pass:
+    """One batched forward pass, as the model sees it."""
+
+    tokens: torch.Tensor  # [B, S] long
+    positions: torch.Tensor  # [B, S] RoPE positions
+    mask: torch.Tensor  # [B, 1, S, T] bool, True = may attend; T = the cache slots the pass reads
+    slots: torch.Tensor  # [B, S] the cache slots of the new tokens
+    kept: list[int]  # per row, how many of the new tokens join the cache
+
+
+# The model side: run ``batch`` over ``cache`` (calling cache.attend per layer), return [B, S, V] logits.
+Step = Callable[[Pass, KVCache], torch.Tensor]
+
+
+@dataclass
+class Request:
+    """The pass one sequence needs next."""
+
+    kind: str  # what the pass is for (counted per kind)
+    tokens: torch.Tensor  # [S] long
+    predicate: MaskMod  # over the row's positions: the cache's tokens first, then these
+    write: bool  # the tokens join the cache
+    positions: torch.Tensor | None = None  # [S] RoPE positions; default: right after the cache
 
 
 @dataclass
 class Decoded:
     tokens: list[int]  # generated tokens (prompt excluded), cut at EOS (included) and max_new_tokens
-    nfe: int  # forward passes, every kind counted (prefill, denoise, append, draft, verify)
+    nfe: int  # forward passes of this sequence, every kind counted (prefill, denoise, append, ...)
     passes: dict[str, int] = field(default_factory=dict)
     accepted: list[int] = field(default_factory=list)  # self-speculation: drafts kept per iteration
 
@@ -85,51 +139,54 @@ class Sampler:
     temperature: float = 0.0
     generator: torch.Generator | None = None
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution [..., V] tokens are drawn from: softmax at the temperature (at 1 when
+        greedy, where it gives the confidence of the argmax)."""
+        logits = logits.double().clone()
+        logits[..., self.mask_id] = float("-inf")
+        return torch.softmax(logits / (1.0 if self.greedy else self.temperature), dim=-1)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per row of ``probs`` [S, V]."""
+        if self.greedy:
+            return probs.argmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
     def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token and its probability for each row of ``logits`` [S, V]."""
-        logits = logits.double().clone()
-        logits[:, self.mask_id] = float("-inf")
-        if self.temperature > 0:
-            probs = torch.softmax(logits / self.temperature, dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
-        else:
-            probs = torch.softmax(logits, dim=-1)
-            tokens = probs.argmax(dim=-1)
+        probs = self.probs(logits)
+        tokens = self.draw(probs)
         return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
 
+    def uniform(self, device: torch.device) -> float:
+        return float(torch.rand((), generator=self.generator, device=device, dtype=torch.float64))
 
-class _Run:
-    """Book-keeping of one decode: the cache, pass counting, EOS and length limits, and the device
-    every tensor of the decode is made on."""
+
+class Row:
+    """One sequence of the batch: its place in the cache, its output, its limits."""
 
     def __init__(
-        self, step: Step, max_new_tokens: int, eos_token_ids: set[int], sample: Sampler, device: torch.device
+        self, index: int, cache: KVCache, max_new_tokens: int, eos: set[int], sample: Sampler, device
     ):
-        self.step_fn = step
-        self.device = device
+        self.index = index
+        self.cache = cache
         self.max_new_tokens = max_new_tokens
-        self.eos = eos_token_ids
+        self.eos = eos
         self.sample = sample
-        self.cache = KVCache()
+        self.device = device
         self.out = Decoded(tokens=[], nfe=0)
 
-    def step(
-        self,
-        kind: str,
-        tokens: list[int] | torch.Tensor,
-        mask_mod: MaskMod,
-        write: bool,
-        positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
-        self.out.nfe += 1
-        self.out.passes[kind] = self.out.passes.get(kind, 0) + 1
-        return self.step_fn(ids, self.cache, mask_mod, write, positions)[0]  # [S, V]
+    @property
+    def length(self) -> int:
+        """Tokens in this row's cache (its RoPE positions are 0 .. length - 1)."""
+        return self.cache.lengths[self.index]
 
-    def next_token(self, kind: str, tokens, write: bool = True) -> torch.Tensor:
-        """A causal pass over ``tokens``; the token its last position predicts, as a [1] tensor."""
-        logits = self.step(kind, tokens, causal(), write)
-        return self.sample(logits[-1:])[0]
+    def crop(self, length: int) -> None:
+        self.cache.crop(self.index, length)
 
     def emit(self, tokens: list[int]) -> bool:
         """Append ``tokens``; True when decoding is over (EOS emitted or the budget reached)."""
@@ -139,9 +196,122 @@ class _Run:
                 return True
         return False
 
+    def tensor(self, tokens) -> torch.Tensor:
+        return torch.as_tensor(tokens, dtype=torch.long, device=self.device).view(-1)
+
+
+# A decoder's program for one sequence: yields requests, receives each one's logits [S, V].
+Program = Generator[Request, torch.Tensor, None]
+
+
+def run_pass(step: Step, cache: KVCache, requests: list[Request | None], device) -> torch.Tensor:
+    """One batched forward pass serving ``requests`` (one per row of ``cache``, None for a row that
+    sits it out): logits [B, S, V]."""
+    batch = _assemble(requests, cache, device)
+    cache.begin(batch.slots, batch.mask.shape[-1])
+    logits = step(batch, cache)
+    cache.commit(batch.kept)
+    return logits
+
+
+def _assemble(requests: list[Request | None], cache: KVCache, device) -> Pass:
+    """One batched pass for every row's request (finished rows ride along, writing nothing): new tokens
+    go right after each row's cache, shorter requests are padded, and each row's mask is its own
+    predicate over its own positions, padding seeing only itself."""
+    S = max(len(r.tokens) for r in requests if r is not None)
+    B = len(requests)
+    width = max(cache.lengths) + S
+    tokens = torch.zeros(B, S, dtype=torch.long, device=device)
+    positions = torch.zeros(B, S, dtype=torch.long, device=device)
+    mask = torch.zeros(B, 1, S, width, dtype=torch.bool, device=device)
+    offsets = torch.arange(S, device=device)
+    starts = torch.tensor(cache.lengths, dtype=torch.long, device=device)
+    slots = starts[:, None] + offsets[None]  # [B, S]
+    mask[torch.arange(B, device=device)[:, None], 0, offsets[None], slots] = True  # each token sees itself
+    kept = []
+    for b, request in enumerate(requests):
+        start = cache.lengths[b]
+        if request is None:
+            kept.append(0)
+            continue
+        n = len(request.tokens)
+        tokens[b, :n] = request.tokens
+        positions[b, :n] = (
+            request.positions
+            if request.positions is not None
+            else torch.arange(start, start + n, device=device)
+        )
+        mask[b, 0, :n, : start + n] = dense(shifted(request.predicate, start), n, start + n, device=device)[
+            0, 0
+        ]
+        kept.append(n if request.write else 0)
+    return Pass(tokens, positions, mask, slots, kept)
+
+
+def decode_batch(
+    decoder: Decoder,
+    step: Step,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    mask_id: int,
+    eos: set[int],
+    temperature: float = 0.0,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[list[Decoded], int]:
+    """Decode every prompt; returns each row's ``Decoded`` and the number of batched passes.
+
+    ``generator``: one for all rows (drawn in row order), or one per row (then every row samples as it
+    would alone). It must live on ``device``, the model's."""
+    device = torch.device(device)
+    generators = generator if isinstance(generator, list) else [generator] * len(prompts)
+    for g in generators:
+        if g is not None and g.device.type != device.type:
+            raise ValueError(
+                f"the sampling generator is on {g.device} but the model is on {device}; create it "
+                "there: torch.Generator(device=model.device)"
+            )
+    capacity = max(map(len, prompts)) + max_new_tokens + decoder.scratch + 2
+    cache = KVCache(len(prompts), capacity)
+    rows = [
+        Row(b, cache, max_new_tokens, eos, Sampler(mask_id, temperature, generators[b]), device)
+        for b in range(len(prompts))
+    ]
+    programs: list[Program | None] = [
+        decoder.program(row, prompt) for row, prompt in zip(rows, prompts, strict=True)
+    ]
+    requests: list[Request | None] = [_first(p) for p in programs]
+    passes = 0
+    while any(r is not None for r in requests):
+        logits = run_pass(step, cache, requests, device)  # [B, S, V]
+        passes += 1
+        for b, request in enumerate(requests):
+            if request is None:
+                continue
+            row = rows[b]
+            row.out.nfe += 1
+            row.out.passes[request.kind] = row.out.passes.get(request.kind, 0) + 1
+            try:
+                requests[b] = programs[b].send(logits[b, : len(request.tokens)])
+            except StopIteration:
+                requests[b] = programs[b] = None
+    return [row.out for row in rows], passes
+
+
+def _first(program: Program) -> Request | None:
+    try:
+        return next(program)
+    except StopIteration:
+        return None
+
+
+# ---- the decoders ------------------------------------------------------------------------------------
+
 
 class Decoder:
     """Causal prefill of the prompt, then ``continue_from`` the first generated token."""
+
+    scratch = 1  # cache slots a pass may use beyond the emitted tokens
 
     def decode(
         self,
@@ -154,77 +324,104 @@ class Decoder:
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
     ) -> Decoded:
-        """``device``: the model's (logits, cache); ``generator`` (sampling) must be on it."""
-        device = torch.device(device)
-        if generator is not None and generator.device.type != device.type:
-            raise ValueError(
-                f"the sampling generator is on {generator.device} but the model is on {device}; create it "
-                "there: torch.Generator(device=model.device)"
-            )
-        run = _Run(step, max_new_tokens, eos, Sampler(mask_id, temperature, generator), device)
-        self.start(run, prompt)
-        return run.out
+        """One prompt (``decode_batch`` with a batch of one)."""
+        (decoded,), _ = decode_batch(
+            self, step, [prompt], max_new_tokens, mask_id, eos, temperature, generator, device
+        )
+        return decoded
 
-    def start(self, run: _Run, prompt: list[int]) -> None:
-        self.continue_from(run, run.next_token("prefill", prompt))
+    def program(self, row: Row, prompt: list[int]) -> Program:
+        logits = yield Request("prefill", row.tensor(prompt), causal(), write=True)
+        yield from self.continue_from(row, row.sample(logits[-1:])[0])
 
-    def continue_from(self, run: _Run, first: torch.Tensor) -> None:
+    def continue_from(self, row: Row, first: torch.Tensor) -> Program:
         raise NotImplementedError
 
 
 class AutoregressiveDecoder(Decoder):
-    def continue_from(self, run: _Run, first: torch.Tensor) -> None:
+    def continue_from(self, row: Row, first: torch.Tensor) -> Program:
         token = first
-        while not run.emit(token.tolist()):
-            token = run.next_token("ar", token)
+        while not row.emit(token.tolist()):
+            logits = yield Request("ar", token, causal(), write=True)
+            token = row.sample(logits[-1:])[0]
 
 
 class ConfidenceThreshold:
-    """Commit every masked slot whose confidence reaches ``threshold``, and at least the most confident."""
+    """Commit every masked slot whose confidence reaches ``threshold``, and at least the most confident.
+    ``in_order``: commit only the leftmost masked slots (while confident; at least one), which keeps
+    the draft distribution of every slot known when drafts are sampled (speculative sampling)."""
 
-    def __init__(self, threshold: float):
+    def __init__(self, threshold: float, in_order: bool = False):
         self.threshold = threshold
+        self.in_order = in_order
 
     def select(self, masked: torch.Tensor, confidence: torch.Tensor, passes_done: int) -> torch.Tensor:
         confidence = torch.where(masked, confidence, torch.full_like(confidence, -1.0))
         commit = masked & (confidence >= self.threshold)
+        if self.in_order:
+            first = int(masked.long().argmax())
+            run = (commit | ~masked).long().cumprod(0).bool() & masked  # confident from the left
+            commit = run.clone()
+            commit[first] = True
+            return commit
         if not commit.any():
             commit[confidence.argmax()] = True
         return commit
 
 
 class EvenSchedule:
-    """Commit the k most confident masked slots, k spreading ``slots`` masks over ``steps`` passes."""
+    """Commit k masked slots per pass, k spreading ``slots`` masks over ``steps`` passes: the most
+    confident ones, or (``in_order``) the leftmost ones."""
 
-    def __init__(self, steps: int, slots: int):
+    def __init__(self, steps: int, slots: int, in_order: bool = False):
         if steps < 1:
             raise ValueError(f"steps={steps} must be >= 1")
-        self.steps, self.slots = steps, slots
+        self.steps, self.slots, self.in_order = steps, slots, in_order
 
     def select(self, masked: torch.Tensor, confidence: torch.Tensor, passes_done: int) -> torch.Tensor:
         base, extra = divmod(self.slots, self.steps)
         k = min(int(masked.sum()), max(base + (1 if passes_done < extra else 0), 1))
+        if self.in_order:
+            order = masked.long().cumsum(0)
+            return masked & (order <= k)
         confidence = torch.where(masked, confidence, torch.full_like(confidence, -1.0))
         return torch.zeros_like(masked).index_fill_(0, confidence.topk(k).indices, True)
 
 
-def _fill(run: _Run, kind: str, seed: torch.Tensor, length: int, rule) -> torch.Tensor:
+@dataclass
+class Draft:
+    tokens: torch.Tensor  # [D] the block: seed, then drafted tokens
+    probs: torch.Tensor  # [D, V] the distribution each drafted token was drawn from (row 0 unused)
+
+
+def _fill(row: Row, kind: str, seed: torch.Tensor, length: int, rule) -> Program:
     """The block ``[seed, MASK x (length-1)]`` filled by bidirectional passes over cache + block (no
-    cache write), committing masked slots by ``rule`` until none is left."""
-    mask_id = run.sample.mask_id
-    block = torch.full((length,), mask_id, dtype=torch.long, device=run.device)
+    cache write), committing masked slots by ``rule`` until none is left. Returns a ``Draft``."""
+    mask_id = row.sample.mask_id
+    block = torch.full((length,), mask_id, dtype=torch.long, device=row.device)
     block[0] = seed[0]
+    probs: torch.Tensor | None = None
     masked = block == mask_id
-    start = run.cache.length
+    start = row.length
     passes = 0
     while masked.any():
-        logits = run.step(kind, block, block_decode(start), write=False)
-        tokens, confidence = run.sample(logits)
+        logits = yield Request(kind, block, block_decode(start), write=False)
+        distributions = row.sample.probs(logits)  # [D, V]
+        probs = distributions if probs is None else probs
+        tokens = row.sample.draw(distributions)
+        # Commit by the distribution's own confidence when sampling (not the drawn token's), so that
+        # which slots are committed does not depend on the draw.
+        confidence = (
+            distributions.gather(-1, tokens[:, None]).squeeze(-1)
+            if row.sample.greedy
+            else distributions.max(dim=-1).values
+        )
         commit = rule.select(masked, confidence, passes)
         block = torch.where(commit, tokens, block)
+        probs = torch.where(commit[:, None], distributions, probs)
         masked &= ~commit
         passes += 1
-    return block
+    return Draft(block, probs if probs is not None else torch.empty(0, device=row.device))
 
 
 class BlockDiffusionDecoder(Decoder):
@@ -235,52 +432,96 @@ class BlockDiffusionDecoder(Decoder):
         if threshold is None and steps is None:
             raise ValueError("give a confidence threshold or a number of steps per block")
         self.block_length = block_length
+        self.scratch = block_length
         self.rule = (
             ConfidenceThreshold(threshold) if threshold is not None else EvenSchedule(steps, block_length - 1)
         )
 
-    def continue_from(self, run: _Run, first: torch.Tensor) -> None:
+    def continue_from(self, row: Row, first: torch.Tensor) -> Program:
         seed = first
         while True:
-            block = _fill(run, "denoise", seed, self.block_length, self.rule)
-            if run.emit(block.tolist()):
+            draft = yield from _fill(row, "denoise", seed, self.block_length, self.rule)
+            if row.emit(draft.tokens.tolist()):
                 return
-            seed = run.next_token("append", block)  # the block joins the cache causally
+            logits = yield Request("append", draft.tokens, causal(), write=True)  # the block joins the cache
+            seed = row.sample(logits[-1:])[0]
 
 
-def _keep_verified(
-    run: _Run, start: int, block: torch.Tensor, verify_logits: torch.Tensor
+def _verify(
+    row: Row, start: int, draft: Draft, verify_logits: torch.Tensor, exact: bool
 ) -> tuple[int, int, bool]:
-    """Exact-match verification of ``block`` (written to the cache from ``start``) by its causal logits:
-    keeps the drafts up to the first mismatch, emits them and the AR token there (the bonus), crops the
+    """Verification of ``draft`` (written to the cache from ``start``) by its causal logits: keeps the
+    drafts up to the first rejection, emits them and the token chosen there (the bonus), crops the
     cache to the seed and the kept drafts. Returns (kept drafts, bonus token, decoding over?)."""
-    ar, _ = run.sample(verify_logits)  # ar[i] proposes block[i+1]
-    accepted = int((ar[:-1] == block[1:]).long().cumprod(0).sum())
-    run.out.accepted.append(accepted)
-    run.cache.crop(start + accepted + 1)
-    return accepted, int(ar[accepted]), run.emit(ar[: accepted + 1].tolist())
+    target = row.sample.probs(verify_logits)  # [D, V]; row i is p of the token after position i
+    if row.sample.greedy or exact:
+        ar = row.sample.draw(target)  # ar[i] proposes draft[i+1]
+        accepted = int((ar[:-1] == draft.tokens[1:]).long().cumprod(0).sum())
+        bonus = int(ar[accepted])
+    else:
+        accepted, bonus = _speculative_sampling(row, draft, target)
+    row.out.accepted.append(accepted)
+    row.crop(start + accepted + 1)
+    kept = draft.tokens[1 : accepted + 1].tolist()
+    return accepted, bonus, row.emit([*kept, bonus])
+
+
+def _speculative_sampling(row: Row, draft: Draft, target: torch.Tensor) -> tuple[int, int]:
+    """Leviathan et al. 2023, Alg. 1: keep draft j with probability min(1, p_j(x) / q_j(x)); at the
+    first rejection draw from norm(max(0, p_j - q_j)); after D-1 kept drafts draw the bonus from p."""
+    D = len(draft.tokens)
+    for j in range(1, D):
+        token = int(draft.tokens[j])
+        p, q = target[j - 1], draft.probs[j]
+        if row.sample.uniform(row.device) * float(q[token]) < float(p[token]):
+            continue
+        residual = (p - q).clamp(min=0)
+        residual = residual / residual.sum() if float(residual.sum()) > 0 else p
+        return j - 1, int(row.sample.draw(residual[None])[0])
+    return D - 1, int(row.sample.draw(target[D - 1 : D])[0])
 
 
 class SelfSpeculativeDecoder(Decoder):
-    def __init__(self, block_length: int, draft_threshold: float = 0.0):
-        """``draft_threshold`` 0 fills every mask in one draft pass; higher values draft iteratively."""
+    def __init__(
+        self,
+        block_length: int,
+        draft_threshold: float = 0.0,
+        draft_steps: int | None = None,
+        verification: str = "rejection",
+    ):
+        """``draft_threshold`` 0 fills every mask in one draft pass; higher values draft iteratively,
+        as does ``draft_steps`` (passes per draft). ``verification`` at temperature > 0: "rejection"
+        (speculative sampling) or "exact" (exact match of sampled AR tokens)."""
         if block_length < 2:
             raise ValueError(f"block_length={block_length} must be >= 2 (the seed plus drafted slots)")
+        if verification not in ("rejection", "exact"):
+            raise ValueError(f"verification={verification!r}; allowed: rejection, exact")
         self.block_length = block_length
-        self.rule = ConfidenceThreshold(draft_threshold)
+        self.scratch = block_length
+        self.exact = verification == "exact"
+        self.draft_threshold, self.draft_steps = draft_threshold, draft_steps
 
-    def continue_from(self, run: _Run, first: torch.Tensor) -> None:
+    def _rule(self, row: Row):
+        # Sampled drafts are committed left to right, so each slot's draft distribution is known given
+        # the slots before it (what speculative sampling's guarantee needs).
+        in_order = not row.sample.greedy
+        if self.draft_steps is not None:
+            return EvenSchedule(self.draft_steps, self.block_length - 1, in_order=in_order)
+        return ConfidenceThreshold(self.draft_threshold, in_order=in_order)
+
+    def continue_from(self, row: Row, first: torch.Tensor) -> Program:
         seed = first
-        if run.emit(seed.tolist()):
+        if row.emit(seed.tolist()):
             return
+        rule = self._rule(row)
         while True:
-            start = run.cache.length
-            block = _fill(run, "draft", seed, self.block_length, self.rule)
-            logits = run.step("verify", block, causal(), write=True)
-            _, bonus, done = _keep_verified(run, start, block, logits)
+            start = row.length
+            draft = yield from _fill(row, "draft", seed, self.block_length, rule)
+            logits = yield Request("verify", draft.tokens, causal(), write=True)
+            _, bonus, done = _verify(row, start, draft, logits, self.exact)
             if done:
                 return
-            seed = torch.tensor([bonus], device=run.device)
+            seed = row.tensor([bonus])
 
 
 class FusedSelfSpeculativeDecoder(Decoder):
@@ -290,44 +531,58 @@ class FusedSelfSpeculativeDecoder(Decoder):
     decoder) and, in the same forward, a pre-draft of the next block for every possible number k of
     kept drafts: a block of masks placed right after draft token k, seeing the prefix, draft tokens
     0..k and itself (``speculate_fused``). Once the verification has kept k drafts, pre-draft block k
-    becomes the next draft, its first slot replaced by the AR token at the first mismatch. Every pass
-    therefore emits at least one token (TPF >= 1 after the prefill) at the cost of ``B + B*B`` query
-    slots per pass, cheap where decoding is memory-bound (a GPU at batch 1), not on a CPU.
-    Verification is the same exact-match rule, so greedy output equals greedy AR decoding.
+    becomes the next draft, its first slot replaced by the token chosen at the first rejection. Every
+    pass therefore emits at least one token (TPF >= 1 after the prefill) at the cost of ``B + B*B``
+    query slots per pass, cheap where decoding is memory-bound (a GPU at batch 1), not on a CPU.
+    With ``redraft``, a pre-draft whose own prediction for its first slot is not that token is drafted
+    again from it (one bidirectional pass), since its other slots were drafted without it.
     """
 
-    def __init__(self, block_length: int):
+    def __init__(self, block_length: int, verification: str = "rejection", redraft: bool = False):
         if block_length < 2:
             raise ValueError(f"block_length={block_length} must be >= 2 (the seed plus drafted slots)")
+        if verification not in ("rejection", "exact"):
+            raise ValueError(f"verification={verification!r}; allowed: rejection, exact")
         self.block_length = block_length
+        self.scratch = block_length + block_length * block_length
+        self.exact = verification == "exact"
+        self.redraft = redraft
 
-    def start(self, run: _Run, prompt: list[int]) -> None:
+    def program(self, row: Row, prompt: list[int]) -> Program:
         """The prefill also drafts the first block: masks after the prompt, bidirectional among
         themselves (``block_decode``), their keys dropped from the cache afterwards."""
-        D, P, mask_id = self.block_length, len(prompt), run.sample.mask_id
-        logits = run.step("prefill", prompt + [mask_id] * D, block_decode(P), write=True)
-        run.cache.crop(P)
-        first = run.sample(logits[P - 1 : P])[0]
-        if run.emit(first.tolist()):
+        D, P, mask_id = self.block_length, len(prompt), row.sample.mask_id
+        logits = yield Request("prefill", row.tensor(prompt + [mask_id] * D), block_decode(P), write=True)
+        row.crop(P)
+        first = row.sample(logits[P - 1 : P])[0]
+        if row.emit(first.tolist()):
             return
-        block, _ = run.sample(logits[P:])
-        block[0] = first[0]
-        self.speculate(run, block)
+        yield from self.speculate(row, self._predraft(row, logits[P:], first))
 
-    def speculate(self, run: _Run, block: torch.Tensor) -> None:
-        D, mask_id = self.block_length, run.sample.mask_id
-        predraft_masks = torch.full((D * D,), mask_id, dtype=torch.long, device=run.device)
+    def _predraft(self, row: Row, logits: torch.Tensor, first: torch.Tensor) -> Draft:
+        probs = row.sample.probs(logits)
+        tokens = row.sample.draw(probs)
+        tokens[0] = first[0]
+        return Draft(tokens, probs)
+
+    def speculate(self, row: Row, draft: Draft) -> Program:
+        D, mask_id = self.block_length, row.sample.mask_id
+        predraft_masks = torch.full((D * D,), mask_id, dtype=torch.long, device=row.device)
         while True:
-            start = run.cache.length
-            logits = run.step(
+            start = row.length
+            logits = yield Request(
                 "verify",
-                torch.cat([block, predraft_masks]),
+                torch.cat([draft.tokens, predraft_masks]),
                 speculate_fused(start, D),
                 write=True,
-                positions=speculate_fused_positions(start, D, device=run.device),
+                positions=speculate_fused_positions(start, D, device=row.device),
             )
-            accepted, bonus, done = _keep_verified(run, start, block, logits[:D])  # pre-drafts cropped
+            accepted, bonus, done = _verify(row, start, draft, logits[:D], self.exact)  # pre-drafts cropped
             if done:
                 return
-            block, _ = run.sample(logits[D + accepted * D : D + (accepted + 1) * D])
-            block[0] = bonus
+            predraft_logits = logits[D + accepted * D : D + (accepted + 1) * D]
+            foreseen = int(row.sample.probs(predraft_logits[:1]).argmax()) == bonus
+            if self.redraft and not foreseen:
+                draft = yield from _fill(row, "redraft", row.tensor([bonus]), D, ConfidenceThreshold(0.0))
+            else:
+                draft = self._predraft(row, predraft_logits, row.tensor([bonus]))

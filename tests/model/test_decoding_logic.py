@@ -15,7 +15,6 @@ import math
 import pytest
 import torch
 
-from kernels import masks
 from model.hf.tandem_decoding import (
     AutoregressiveDecoder,
     BlockDiffusionDecoder,
@@ -36,32 +35,33 @@ def chain(start: int, n: int) -> list[int]:
 
 
 def markov_step(wrong_positions: set[int] = frozenset()):
-    def step(ids, cache, mask_mod, write, positions=None):
-        start, S = cache.length, ids.shape[1]
-        if positions is None:
-            positions = torch.arange(start, start + S)
-        keys = ids.view(1, 1, S, 1).double()
-        values = positions.view(1, 1, S, 1).double()
-        all_ids, all_pos = cache.attend(0, keys, values, write)
-        all_ids, all_pos = all_ids.flatten().long(), all_pos.flatten().long()
-        visible = masks.dense(masks.shifted(mask_mod, start), S, start + S)[0, 0]
-        logits = torch.full((1, S, V), -10.0, dtype=torch.float64)
-        for i in range(S):
-            token, position = int(ids[0, i]), int(positions[i])
-            assert visible[i, start + i], "a query must see itself"
-            if token != MASK:
-                target = int(NEXT[token])
-            else:
-                seen = [
-                    j
-                    for j in range(start + S)
-                    if visible[i, j] and all_ids[j] != MASK and all_pos[j] < position
-                ]
-                nearest = max(seen, key=lambda j: int(all_pos[j]))
-                target = chain(int(all_ids[nearest]), position - int(all_pos[nearest]))[-1]
-                if position in wrong_positions:
-                    target = int(NEXT[target])  # a confident wrong draft
-            logits[0, i, target] = 10.0
+    def step(batch, cache):
+        B, S = batch.tokens.shape
+        keys = batch.tokens.view(B, 1, S, 1).double()
+        values = batch.positions.view(B, 1, S, 1).double()
+        all_ids, all_pos = cache.attend(0, keys, values)
+        all_ids, all_pos = all_ids[:, 0, :, 0].long(), all_pos[:, 0, :, 0].long()  # [B, T]
+        logits = torch.full((B, S, V), -10.0, dtype=torch.float64)
+        for b in range(B):
+            for i in range(S):
+                visible = batch.mask[b, 0, i]
+                token, position = int(batch.tokens[b, i]), int(batch.positions[b, i])
+                assert visible[batch.slots[b, i]], "a query must see itself"
+                if token != MASK:
+                    target = int(NEXT[token])
+                else:
+                    seen = [
+                        j
+                        for j in range(visible.shape[0])
+                        if visible[j] and all_ids[b, j] != MASK and all_pos[b, j] < position
+                    ]
+                    if not seen:  # a padding slot of a shorter request in the batch
+                        continue
+                    nearest = max(seen, key=lambda j: int(all_pos[b, j]))
+                    target = chain(int(all_ids[b, nearest]), position - int(all_pos[b, nearest]))[-1]
+                    if position in wrong_positions:
+                        target = int(NEXT[target])  # a confident wrong draft
+                logits[b, i, target] = 10.0
         return logits
 
     return step

@@ -308,32 +308,34 @@ def test_fused_pre_drafts_equal_separate_draft_passes(decode_model):
     prefix, draft tokens 0..k and a block of masks (what the two-pass decoder would draft next)."""
     from kernels.masks import block_decode, causal, speculate_fused, speculate_fused_positions
 
-    module = sys.modules[type(decode_model).__module__]
+    decoding = sys.modules[type(decode_model).__module__.rsplit(".", 1)[0] + ".tandem_decoding"]
     mask_id, D, prompt = 2, 4, PROMPTS[2]
     draft = [40, 41, 42, 43]
 
+    def run(cache, tokens, predicate, write, positions=None):
+        request = decoding.Request("test", torch.tensor(tokens), predicate, write, positions)
+        return decoding.run_pass(decode_model._step, cache, [request], torch.device("cpu"))[0]
+
     def prefilled():
-        cache = module.KVCache()
-        decode_model._step(torch.tensor([prompt]), cache, causal(), True)
+        cache = decoding.KVCache(1, 64)
+        run(cache, prompt, causal(), True)
         return cache
 
     P = len(prompt)
     with torch.no_grad():
-        fused = decode_model._step(
-            torch.tensor([draft + [mask_id] * D * D]),
+        fused = run(
             prefilled(),
+            draft + [mask_id] * D * D,
             speculate_fused(P, D),
             True,
             speculate_fused_positions(P, D),
-        )[0]
-        verify = decode_model._step(torch.tensor([draft]), prefilled(), causal(), False)[0]
+        )
+        verify = run(prefilled(), draft, causal(), False)
         torch.testing.assert_close(fused[:D], verify, atol=1e-10, rtol=1e-10)
         for k in range(D):
             cache = prefilled()
-            decode_model._step(torch.tensor([draft[: k + 1]]), cache, causal(), True)
-            separate = decode_model._step(
-                torch.tensor([[mask_id] * D]), cache, block_decode(P + k + 1), False
-            )[0]
+            run(cache, draft[: k + 1], causal(), True)
+            separate = run(cache, [mask_id] * D, block_decode(P + k + 1), False)
             torch.testing.assert_close(fused[D + k * D : D + (k + 1) * D], separate, atol=1e-10, rtol=1e-10)
 
 
