@@ -20,7 +20,7 @@ from pathlib import Path
 
 from data.preprocess import preprocess
 from data.sources import Texts
-from data.tokenizer import load_tokenizer_info, train_tokenizer
+from data.tokenizer import load_tokenizer_info, starts_at_a_document_boundary, train_tokenizer
 
 # The demo folder when none is given; configs/data/demo.yaml reads the same variable and default.
 DEMO_DIR_ENV = "TANDEM_DATA"
@@ -130,7 +130,7 @@ def prepare_demo(
     splits = {corpus: split_corpus(corpus) for corpus in CORPORA}
     tokenizer_dir = root / "tokenizer"
     info = load_tokenizer_info(tokenizer_dir) if tokenizer_dir.is_dir() else None
-    if info is None or info.vocab_size != vocab_size:
+    if info is None or info.vocab_size != vocab_size or not starts_at_a_document_boundary(tokenizer_dir):
         # Trained on the training parts only: held-out text stays unseen by every learned component.
         info = train_tokenizer(
             (t for parts in splits.values() for t in parts["train"]), tokenizer_dir, vocab_size

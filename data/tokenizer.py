@@ -58,6 +58,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int) 
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer)
+    _start_at_a_document_boundary(bpe)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token=EOD_TOKEN,
@@ -76,6 +77,25 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int) 
         shutil.rmtree(out_dir)
     os.replace(staging, out_dir)
     return load_tokenizer_info(out_dir)
+
+
+def _start_at_a_document_boundary(tokenizer) -> None:
+    """Encoding text (with special tokens, the default of ``tokenizer(text)``) puts EOD in front: the
+    model saw every document right after an EOD, so a prompt is a document start, and every caller
+    (the CLI, the bench, stock transformers) encodes it the same way. Preprocessing encodes without
+    special tokens, so the training data is unchanged."""
+    from tokenizers import processors
+
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{EOD_TOKEN} $A", pair=f"{EOD_TOKEN} $A $B", special_tokens=[(EOD_TOKEN, 0)]
+    )
+
+
+def starts_at_a_document_boundary(path: str | Path) -> bool:
+    """True when the tokenizer folder ``path`` puts EOD in front of encoded text (see above)."""
+    tokenizer = load_tokenizer(path)
+    eod = tokenizer.eos_token_id
+    return eod is not None and tokenizer("a")["input_ids"][:1] == [eod]
 
 
 def _portable_tokenizer_class(folder: Path) -> None:

@@ -1,8 +1,7 @@
 """Loading an NLD-format export and decoding prompts with it, for the CLI, the benchmark and the quickstart.
 
 The decoding itself lives in the export's remote code (``model/hf``); this module checks the folder,
-encodes prompts the way the training data looked (documents follow an end-of-document token), and
-times one call per mode.
+encodes prompts exactly as the export's tokenizer does, and times one call per mode.
 """
 
 from __future__ import annotations
@@ -80,11 +79,10 @@ def load_export(folder: str | Path, dtype: torch.dtype = torch.float32, device: 
 
 
 def encode_prompt(tokenizer, prompt: str) -> torch.Tensor:
-    ids = tokenizer(prompt)["input_ids"]
-    start = tokenizer.bos_token_id
-    if start is not None and (not ids or ids[0] != start):
-        ids = [start, *ids]
-    return torch.tensor([ids], dtype=torch.long)
+    """``prompt`` as the exported tokenizer encodes it by default, ``tokenizer(prompt)`` (a Tandem
+    tokenizer puts the document-start EOD in front itself), so every path agrees with stock
+    transformers token for token."""
+    return torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long)
 
 
 def decode(

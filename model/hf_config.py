@@ -53,10 +53,15 @@ def nld_config(
         "head_dim": model.head_dim,
         "max_position_embeddings": model.max_position_embeddings,
         "rms_norm_eps": model.norm_epsilon,
-        "rope_parameters": model.rope.to_hf(),
+        "rope_parameters": nld_rope_parameters(model),
         "qk_layernorm": model.qk_layernorm,
         "hidden_act": "silu",
         "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "attn_implementation": "sdpa",
+        "sliding_window": None,
+        "dp_varying_mask_ratio": False,
         "tie_word_embeddings": False,
         "initializer_range": model.init_method_std,
         "mask_token_id": mask_token_id,
@@ -72,6 +77,16 @@ def nld_config(
     }
 
 
+def nld_rope_parameters(model: ModelConfig) -> dict:
+    """``rope_parameters`` with every key NLD's code reads: it divides by
+    ``original_max_position_embeddings`` and scales queries by ``llama_4_scaling_beta``, so a model
+    without long-context scaling gets the values that mean none (beta 0, the model's own context)."""
+    params = model.rope.to_hf()
+    params.setdefault("llama_4_scaling_beta", 0.0)
+    params.setdefault("original_max_position_embeddings", model.max_position_embeddings)
+    return params
+
+
 def _rope(hf: dict) -> RopeConfig:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -79,6 +94,10 @@ def _rope(hf: dict) -> RopeConfig:
     if kind not in {t.value for t in RopeType}:
         raise ConfigError(f"rope_type {kind!r} is not supported (default, llama3, yarn)")
     values = {k: params[k] for k in RopeConfig.scaling_fields() if params.get(k) is not None}
+    if not values.get("llama_4_scaling_beta"):  # 0 (an NLD export without long-context scaling): none
+        values.pop("llama_4_scaling_beta", None)
+    if kind == "default":  # the key NLD's code needs means nothing for plain RoPE
+        values.pop("original_max_position_embeddings", None)
     if kind == "yarn" and "original_max_position_embeddings" not in values:
         values["original_max_position_embeddings"] = hf.get("original_max_position_embeddings")
     return RopeConfig(rope_type=RopeType(kind), rope_theta=float(theta), **values)

@@ -50,6 +50,11 @@ class NemotronLabsDiffusionConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
         self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+        # NLD's code reads these for every RoPE type (an export without long-context scaling writes the
+        # values that mean none); transformers would call them unknown keys of plain RoPE.
+        self.ignore_keys_at_rope_validation = {"llama_4_scaling_beta"}
+        if self.rope_parameters.get("rope_type", "default") == "default":
+            self.ignore_keys_at_rope_validation.add("original_max_position_embeddings")
         self.qk_layernorm = qk_layernorm
         self.mask_token_id = mask_token_id
         self.block_size = block_size

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
 
 # `from .module import names` is the form transformers recognises to copy sibling files of remote code.
@@ -41,7 +42,7 @@ from .tandem_decoding import (
     SelfSpeculativeDecoder,
     decode_batch,
 )
-from .tandem_masks import CleanAttention, bidirectional, block_diffusion, causal, dense
+from .tandem_masks import CleanAttention, bidirectional, block_diffusion, causal, dense, shifted
 from .tandem_rope import cos_sin, inverse_frequencies, query_scale, rotate
 
 
@@ -82,8 +83,10 @@ class Attention(nn.Module):
         if config.qk_layernorm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        # NLD's per-layer switch, read by ``Encoder.forward``: bidirectional (True) or causal attention.
+        self.diffusion_lm = config.dlm_paradigm != "autoregressive"
 
-    def forward(self, x, rotary: Rotary, mask: torch.Tensor | None, cache: KVCache | None):
+    def forward(self, x, rotary: Rotary, mask: torch.Tensor | None, cache):
         B, S, _ = x.shape
         q_BNSH = self.q_proj(x).view(B, S, self.heads, self.head_dim)
         k_BGSH = self.k_proj(x).view(B, S, self.groups, self.head_dim)
@@ -96,10 +99,10 @@ class Attention(nn.Module):
             q_BNSH = q_BNSH * rotary.query_scale
         if cache is not None:
             k_BGSH, v_BGSH = cache.attend(self.layer, k_BGSH, v_BGSH)
-        repeat = self.heads // self.groups
-        k_BNTH = k_BGSH.repeat_interleave(repeat, dim=1)
-        v_BNTH = v_BGSH.repeat_interleave(repeat, dim=1)
-        out_BNSH = F.scaled_dot_product_attention(q_BNSH, k_BNTH, v_BNTH, attn_mask=mask)
+        # GQA inside the kernel: the cached keys are read in place, not repeated per query head.
+        out_BNSH = F.scaled_dot_product_attention(
+            q_BNSH, k_BGSH, v_BGSH, attn_mask=mask, enable_gqa=self.groups != self.heads
+        )
         return self.o_proj(out_BNSH.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -140,18 +143,74 @@ class Encoder(nn.Module):
         inv_freq, attention_factor = inverse_frequencies(self.config.head_dim, params)
         cos, sin = cos_sin(position_ids, inv_freq, attention_factor, dtype)
         scale = None
-        if params.get("llama_4_scaling_beta") is not None:
+        if params.get("llama_4_scaling_beta"):  # None or 0: no scaling
             scale = query_scale(
                 position_ids, params["llama_4_scaling_beta"], params["original_max_position_embeddings"]
             ).to(dtype)
         return Rotary(cos, sin, scale)
 
-    def forward(self, input_ids, position_ids, mask, cache: KVCache | None = None):
+    def run(self, input_ids, position_ids, mask, cache=None, masks=None):
+        """Hidden states [B, S, D] of ``input_ids`` at RoPE ``position_ids``, attending as ``mask`` (or
+        per layer as ``masks``) allows, to ``cache`` (anything with ``attend(layer, key, value)``) too."""
         x = self.embed_tokens(input_ids)
         rotary = self.rotary(position_ids, x.dtype)
-        for layer in self.layers:
-            x = layer(x, rotary, mask, cache)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rotary, masks[i] if masks is not None else mask, cache)
         return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+        use_causal_mask: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """NLD's encoder call, for scripts written for NLD's HF model: ``input_ids`` [B, S] after the
+        tokens of ``past_key_values`` (a transformers ``DynamicCache``, or None), at positions that
+        continue it. Each layer attends bidirectionally to the cache and the new tokens when its
+        ``self_attn.diffusion_lm`` is True, causally when it is False or ``use_causal_mask`` is True;
+        ``use_cache`` appends the new keys and values to ``past_key_values``, else it is only read."""
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("padding masks are not supported here; use the *_generate methods for batches")
+        B, S = input_ids.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(past, past + S, device=device).expand(B, S)
+        causal_mask = dense(shifted(causal(), past), S, past + S, device=device)
+        masks = [
+            causal_mask if use_causal_mask is True or not layer.self_attn.diffusion_lm else None
+            for layer in self.layers
+        ]
+        cache = _TransformersCache(past_key_values, use_cache) if past_key_values is not None else None
+        hidden = self.run(input_ids, position_ids, None, cache, masks=masks)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{_CACHE_FIELD: past_key_values})
+
+
+# transformers 5.17 renamed the cache field of its outputs from ``past_key_values`` to ``cache``.
+_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class _TransformersCache:
+    """A transformers ``Cache`` (NLD scripts pass ``DynamicCache``) seen through ``attend``: the cached
+    keys/values then this pass's, stored in it when ``write``."""
+
+    def __init__(self, cache, write: bool):
+        self.cache, self.write = cache, write
+
+    def attend(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        if self.write:
+            return self.cache.update(key, value, layer)
+        if self.cache.get_seq_length(layer) == 0:
+            return key, value
+        if hasattr(self.cache, "layers"):  # transformers >= 4.56
+            old_key, old_value = self.cache.layers[layer].keys, self.cache.layers[layer].values
+        else:
+            old_key, old_value = self.cache.key_cache[layer], self.cache.value_cache[layer]
+        return torch.cat([old_key, key], dim=2), torch.cat([old_value, value], dim=2)
 
 
 @dataclass
@@ -161,11 +220,17 @@ class NemotronLabsDiffusionOutput(ModelOutput):
     causal_logits: torch.Tensor | None = None  # [B, L, V]; the clean (AR) half in block_diff training
     loss_sum: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
+    cache: object | None = None  # the transformers Cache of NLD's cached call
+
+    @property
+    def past_key_values(self):  # NLD's name for it (transformers >= 5.17 calls it ``cache``)
+        return self.cache
 
 
 class NemotronLabsDiffusionModel(PreTrainedModel):
     config_class = NemotronLabsDiffusionConfig
     base_model_prefix = "encoder"
+    _supports_sdpa = True  # its attention is scaled_dot_product_attention (NLD configs ask for "sdpa")
     _no_split_modules = ("DecoderLayer",)
 
     def __init__(self, config: NemotronLabsDiffusionConfig):
@@ -184,7 +249,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
     # ---- forward ------------------------------------------------------------------------------
 
     def _logits(self, input_ids, position_ids, mask, cache=None):
-        return self.diffusion_head(self.encoder(input_ids, position_ids, mask, cache))
+        return self.diffusion_head(self.encoder.run(input_ids, position_ids, mask, cache))
 
     def _paradigm_mask(self, paradigm: str, length: int, device) -> torch.Tensor:
         if paradigm == "autoregressive":
@@ -210,9 +275,16 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         ar_labels: torch.LongTensor | None = None,
         skip_loss: bool = False,
         dlm_paradigm: str | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+        use_causal_mask: bool | None = None,
         **kwargs,
     ) -> NemotronLabsDiffusionOutput:
         """Logits of ``input_ids`` [B, S].
+
+        With ``past_key_values`` (a transformers ``DynamicCache``) or ``use_causal_mask``: NLD's cached
+        call, as ``Encoder.forward`` (each layer's ``self_attn.diffusion_lm`` picks bidirectional or
+        causal attention); the output carries ``past_key_values``.
 
         ``attention_mask``: a boolean [B|1, 1, S, S] mask (True = may attend) overrides the paradigm;
         a 2-D padding mask is not supported (decode one sequence at a time).
@@ -224,6 +296,18 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         predicts ``labels[:, 1:]`` from positions 0..L-2 (NLD); pass ``ar_labels`` [B, L] (the next token
         at every position, Megatron's convention) to score all L positions as Tandem's trainer does.
         """
+        if past_key_values is not None or use_causal_mask is not None:
+            out = self.encoder(
+                input_ids,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                use_causal_mask=use_causal_mask,
+                attention_mask=attention_mask,
+            )
+            return NemotronLabsDiffusionOutput(
+                logits=self.diffusion_head(out.last_hidden_state), cache=past_key_values
+            )
         paradigm = dlm_paradigm or self.config.dlm_paradigm
         if labels is not None and paradigm == "block_diff":
             return self._joint_forward(

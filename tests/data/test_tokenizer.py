@@ -71,3 +71,25 @@ def test_reserved_id_is_recorded_as_the_mask(no_mask_tokenizer):
 def test_mask_id_that_text_could_produce_is_refused(no_mask_tokenizer, mask_id):
     with pytest.raises(ValueError, match=f"mask_id={mask_id} is not a free reserved special token"):
         load_tokenizer_info(no_mask_tokenizer, mask_id=mask_id)
+
+
+def test_encoded_text_starts_at_a_document_boundary_and_preprocessing_adds_none(
+    tokenizer, tmp_path, wiki_docs
+):
+    """``tokenizer(text)`` puts EOD in front (documents followed an EOD in training), so the CLI and stock
+    transformers encode a prompt alike; the indexed data holds each document once, EOD after it only."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from data.preprocess import preprocess
+    from data.sources import Texts
+    from data.tokenizer import starts_at_a_document_boundary
+
+    hf = AutoTokenizer.from_pretrained(tokenizer.path, local_files_only=True)
+    text = wiki_docs[0][:200]
+    assert hf(text)["input_ids"] == [tokenizer.eod_id, *hf.encode(text, add_special_tokens=False)]
+    assert starts_at_a_document_boundary(tokenizer.path)
+    preprocess(Texts("one", [text]), tmp_path / "one", tokenizer, progress=False)
+    documents = IndexedDataset(str(tmp_path / "one"))
+    assert len(documents) == 1
+    assert np.asarray(documents[0]).tolist() == [*hf.encode(text, add_special_tokens=False), tokenizer.eod_id]

@@ -18,6 +18,7 @@ from model import keymap
 from model.attention import attention_inputs
 from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
 from model.generation import decode, encode_prompt, load_export
+from model.hf_config import model_from_hf
 from model.megatron import build_model
 from tests.conftest import REPO
 from tests.factories import tiny_model
@@ -42,6 +43,9 @@ YARN = RopeConfig(
     mscale_all_dim=1.0,
     llama_4_scaling_beta=0.1,
 )
+
+
+PROMPTS = [[0, 17, 250, 31], [0, 900], [0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [0]]
 
 
 def tiny(vocab: int, **overrides) -> ModelConfig:
@@ -103,6 +107,82 @@ def test_export_folder_has_the_nld_format(exported):
     for name, source in REMOTE_CODE.items():  # the masks and RoPE the model trains with, byte for byte
         assert (out / name).read_bytes() == source.read_bytes()
     assert (out / "tokenizer.json").is_file()
+
+
+# The keys of a shipped NLD config.json, all of which NLD's own remote code may read.
+NLD_CONFIG_KEYS = {
+    "architectures", "attention_bias", "attention_dropout", "attn_implementation", "block_size",
+    "bos_token_id", "dlm_loss_weight", "dlm_paradigm", "dp_varying_mask_ratio", "eos_token_id",
+    "head_dim", "hidden_act", "hidden_size", "intermediate_size", "mask_token_id",
+    "max_position_embeddings", "mlp_bias", "model_type", "num_attention_heads", "num_hidden_layers",
+    "num_key_value_heads", "rms_norm_eps", "rope_parameters", "sliding_window", "tie_word_embeddings",
+    "vocab_size",
+}  # fmt: skip
+
+
+def test_the_config_holds_every_key_nlds_code_reads_with_values_meaning_no_scaling(exported):
+    config = json.loads((exported[2] / "config.json").read_text())
+    assert set(config) >= NLD_CONFIG_KEYS
+    rope = config["rope_parameters"]
+    # NLD scales queries by 1 + beta * log(1 + floor(pos / original_max_position_embeddings)).
+    beta, original = rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"]
+    positions = torch.tensor([0.0, 255.0, 10_000.0])
+    assert torch.equal(1 + beta * torch.log(1 + torch.floor(positions / original)), torch.ones(3))
+    assert model_from_hf(config, "reimport").rope == exported[1].rope  # read back: still plain RoPE
+
+
+def nld_style_linear_spec(model, prompt: list[int], max_new: int, block: int, mask_id: int) -> list[int]:
+    """Self-speculation written the way scripts for NLD's HF model drive it: the encoder called with a
+    transformers DynamicCache, causal or bidirectional by each layer's ``self_attn.diffusion_lm``."""
+    from transformers import DynamicCache
+
+    def greedy(logits):
+        logits = logits.clone()
+        logits[..., mask_id] = float("-inf")
+        return logits.argmax(dim=-1)
+
+    def diffusion(flag: bool):
+        for layer in model.encoder.layers:
+            layer.self_attn.diffusion_lm = flag
+
+    def logits(ids, cache, **kwargs):
+        hidden = model.encoder(input_ids=ids, past_key_values=cache, **kwargs)[0]
+        return model.diffusion_head(hidden)[0]
+
+    cache = DynamicCache()
+    diffusion(False)
+    token = int(greedy(logits(torch.tensor([prompt]), cache, use_cache=True, use_causal_mask=True)[-1]))
+    out = [token]
+    while len(out) < max_new:
+        ids = torch.full((1, block), mask_id)
+        ids[0, 0] = token
+        diffusion(True)
+        ids[0, 1:] = greedy(logits(ids, cache, use_cache=False)[1:])
+        diffusion(False)
+        start = cache.get_seq_length()
+        ar = greedy(logits(ids, cache, use_cache=True, use_causal_mask=True)).tolist()
+        accepted = 0
+        while accepted < block - 1 and ar[accepted] == int(ids[0, accepted + 1]):
+            accepted += 1
+        cache.crop(start + accepted + 1 - cache.get_seq_length())  # transformers 5: tokens to drop, < 0
+        out += [*ids[0, 1 : accepted + 1].tolist(), ar[accepted]]
+        token = ar[accepted]
+    diffusion(True)
+    return out[:max_new]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:3], ids=lambda p: f"len{len(p)}")
+def test_nld_scripts_module_level_api_gives_our_decoders_output(decode_model, prompt):
+    with torch.no_grad():
+        expected = decode_model.linear_spec_generate(
+            torch.tensor([prompt]), max_new_tokens=14, block_length=4, eos_token_id=[]
+        )[0][0, len(prompt) :].tolist()
+        assert nld_style_linear_spec(decode_model, prompt, 14, 4, mask_id=2) == expected
+        ids = torch.tensor([prompt])
+        causal = decode_model(ids, use_causal_mask=True).logits  # NLD's calls without a cache
+        bidirectional = decode_model(ids, use_causal_mask=False).logits
+        torch.testing.assert_close(causal, decode_model(ids, dlm_paradigm="autoregressive").logits)
+        torch.testing.assert_close(bidirectional, decode_model(ids, dlm_paradigm="bidirectional").logits)
 
 
 @pytest.mark.parametrize("pattern", ["causal", "block_decode", "training"])
@@ -236,9 +316,6 @@ def test_transformers_classes_reproduce_the_export(megatron_single, demo_data, t
 def decode_model(exported):
     model, _ = load_export(exported[2], dtype=torch.float64)  # fp64: no near-tie flips between passes
     return model
-
-
-PROMPTS = [[0, 17, 250, 31], [0, 900], [0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [0]]
 
 
 @pytest.mark.parametrize("prompt", PROMPTS, ids=lambda p: f"len{len(p)}")

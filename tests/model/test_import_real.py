@@ -166,3 +166,27 @@ def test_export_from_a_tensor_parallel_run_round_trips(demo_data, tmp_path):
     assert original.keys() == again.keys()
     for name in original:
         assert torch.equal(original[name], again[name]), name
+
+
+def test_the_cli_decodes_smollm2_as_stock_transformers_does(smollm2_hf, smollm2_imported, tmp_path):
+    """The CLI encodes the prompt as ``tokenizer(text)`` (no BOS forced in front), so its greedy AR
+    output is stock transformers' greedy output for the same text, token for token."""
+    from transformers import AutoModelForCausalLM
+
+    from scripts import generate as cli
+
+    prompt, new = "The capital of France is", 12
+    out = export_checkpoint(smollm2_imported, tmp_path / "hf32", dtype="float32")
+    model, tokenizer = load_export(out)
+    args = cli.parse_args(
+        ["--model", str(out), "--mode", "ar", "--prompt", prompt, "--max-new-tokens", str(new)]
+    )
+    ours = cli.generate(model, tokenizer, args)
+    stock = AutoModelForCausalLM.from_pretrained(str(smollm2_hf), dtype=torch.float32)
+    encoded = AutoTokenizer.from_pretrained(str(smollm2_hf))(prompt, return_tensors="pt")
+    with torch.no_grad():
+        expected = stock.generate(**encoded, max_new_tokens=new, do_sample=False)[
+            0, encoded.input_ids.shape[1] :
+        ]
+    assert ours.ids == expected.tolist()
+    assert ours.text == AutoTokenizer.from_pretrained(str(smollm2_hf)).decode(expected)
