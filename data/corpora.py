@@ -123,14 +123,19 @@ def prepare_demo(
     vocab_size: int = 4096,
     workers: int | None = None,
     progress: bool = True,
+    tokenizer: str | Path | None = None,
 ) -> DemoData:
-    """Train the demo tokenizer and preprocess both corpora into ``out_dir``; reuse what is finished."""
+    """Train the demo tokenizer and preprocess both corpora into ``out_dir``; reuse what is finished.
+    ``tokenizer``: a tokenizer folder to use instead (a pretrained model's, with its mask token)."""
     root = Path(out_dir) if out_dir is not None else default_demo_dir()
     workers = workers or min(2, os.cpu_count() or 1)
     splits = {corpus: split_corpus(corpus) for corpus in CORPORA}
-    tokenizer_dir = root / "tokenizer"
+    tokenizer_dir = Path(tokenizer) if tokenizer is not None else root / "tokenizer"
     info = load_tokenizer_info(tokenizer_dir) if tokenizer_dir.is_dir() else None
-    if info is None or info.vocab_size != vocab_size or not starts_at_a_document_boundary(tokenizer_dir):
+    if tokenizer is not None and info is None:
+        raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist")
+    stale = info is None or info.vocab_size != vocab_size or not starts_at_a_document_boundary(tokenizer_dir)
+    if tokenizer is None and stale:
         # Trained on the training parts only: held-out text stays unseen by every learned component.
         info = train_tokenizer(
             (t for parts in splits.values() for t in parts["train"]), tokenizer_dir, vocab_size

