@@ -30,3 +30,27 @@ def tiny_model(**overrides) -> ModelConfig:
     )
     values.update(overrides)
     return ModelConfig(**values)
+
+
+def tiny_nld_model(seed: int = 0, **overrides):
+    """A randomly initialised 2-layer export-side model (the remote code's class, no checkpoint)."""
+    import torch
+
+    from model.hf.configuration_nemotron_labs_diffusion import NemotronLabsDiffusionConfig
+    from model.hf.modeling_nemotron_labs_diffusion import NemotronLabsDiffusionModel
+
+    values = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        mask_token_id=3,
+        block_size=8,
+    )
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return NemotronLabsDiffusionModel(NemotronLabsDiffusionConfig(**values)).eval()

@@ -10,8 +10,7 @@ import math
 import pytest
 import torch
 
-from model.hf.configuration_nemotron_labs_diffusion import NemotronLabsDiffusionConfig
-from model.hf.modeling_nemotron_labs_diffusion import NemotronLabsDiffusionModel
+from tests.factories import tiny_nld_model
 
 MASK = 3
 
@@ -25,22 +24,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_model(vocab: int, seed: int, std: float = 0.02) -> NemotronLabsDiffusionModel:
-    config = NemotronLabsDiffusionConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        mask_token_id=MASK,
-        block_size=8,
-        initializer_range=std,
-    )
-    torch.manual_seed(seed)
-    return NemotronLabsDiffusionModel(config).double().eval()
+def tiny_model(vocab: int, seed: int, std: float = 0.02):
+    return tiny_nld_model(seed, vocab_size=vocab, mask_token_id=MASK, initializer_range=std).double()
 
 
 @pytest.fixture(scope="module")

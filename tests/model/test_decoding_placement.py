@@ -10,9 +10,8 @@ import copy
 import pytest
 import torch
 
-from model.hf.configuration_nemotron_labs_diffusion import NemotronLabsDiffusionConfig
-from model.hf.modeling_nemotron_labs_diffusion import NemotronLabsDiffusionModel
 from tests.device_strict import GPU, simulated_gpu, to_host
+from tests.factories import tiny_nld_model
 
 MODES = {
     "ar": ("ar_generate", {}),
@@ -27,28 +26,14 @@ PROMPT = [1, 17, 40, 9, 33]
 
 @pytest.fixture(scope="module")
 def model():
-    config = NemotronLabsDiffusionConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        mask_token_id=3,
-        block_size=4,
-        qk_layernorm=True,
-        rope_parameters={
-            "rope_type": "yarn",
-            "rope_theta": 10000.0,
-            "factor": 4.0,
-            "original_max_position_embeddings": 32,
-            "llama_4_scaling_beta": 0.1,
-        },
-    )
-    torch.manual_seed(0)
-    return NemotronLabsDiffusionModel(config).eval()
+    yarn = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "llama_4_scaling_beta": 0.1,
+    }
+    return tiny_nld_model(max_position_embeddings=128, block_size=4, qk_layernorm=True, rope_parameters=yarn)
 
 
 def decode(model, method: str, options: dict, temperature: float, device) -> tuple[list[int], int, dict]:
