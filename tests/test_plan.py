@@ -24,6 +24,8 @@ RECIPES = {
     "pretrain_8b": (8, 4),
     "pretrain_14b": (8, 8),
 }
+# Recipes sized for a laptop or one GPU (fp32 on CPU, one process).
+SMALL_RECIPES = {"smollm2_ar2dlm"}
 
 
 def small(**overrides) -> ModelConfig:
@@ -215,7 +217,16 @@ def test_pipeline_bubble_lengthens_the_step():
 
 def test_every_experiment_recipe_has_a_cluster_here():
     experiments = {p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")} - {"quickstart"}
-    assert experiments == set(RECIPES)
+    assert experiments == set(RECIPES) | set(SMALL_RECIPES)
+
+
+@pytest.mark.parametrize("experiment", sorted(SMALL_RECIPES))
+def test_every_small_recipe_fits_one_gpu(experiment, capsys):
+    one_gpu = [f"experiment={experiment}", "launch.nodes=1", "launch.gpus_per_node=1"]
+    assert compose_config(one_gpu).parallel.tensor == 1
+    assert plan.main(["--gpu", "H200", *one_gpu]) == 0
+    out = capsys.readouterr().out
+    assert "1 node(s) x 1 GPUs = 1: TP 1" in out and "ok, fits" in out
 
 
 @pytest.mark.parametrize("experiment", sorted(RECIPES))
