@@ -37,12 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo data in {demo.root} ({time.perf_counter() - start:.1f} s); tokenizer: {demo.tokenizer}")
     for part, prefixes in (("train", demo.train), ("valid", demo.valid)):
         for prefix in prefixes.values():
-            meta = DatasetMetadata.read(prefix)
-            print(
-                f"  {part:5s} {prefix}: {meta.documents:>6,} documents {meta.tokens:>10,} tokens "
-                f"{meta.chars_per_token:.2f} chars/token"
-            )
+            print(describe(part, prefix))
     return 0
+
+
+def describe(part: str, prefix) -> str:
+    """One summary line of the written dataset at ``prefix``."""
+    meta = DatasetMetadata.read(prefix)
+    return (
+        f"  {part:5s} {prefix}: {meta.documents:>6,} documents {meta.tokens:>10,} tokens "
+        f"{meta.chars_per_token:.2f} chars/token"
+    )
 
 
 if __name__ == "__main__":
