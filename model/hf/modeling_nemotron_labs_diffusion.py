@@ -390,6 +390,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         attention_mask=None,
         mask_token_id=None,
         lookahead: int = 1,
+        stop=None,
     ):
         prompts = self._check_prompt(prompt_ids, attention_mask, max_new_tokens, lookahead)
         eos = eos_token_id if eos_token_id is not None else getattr(self.config, "eos_token_id", None)
@@ -406,6 +407,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
                 temperature,
                 generator,
                 device=self.diffusion_head.weight.device,
+                stop=stop,
             )
         # The prompts as given (left padding kept), then each row's tokens, right-padded for the batch.
         pad = getattr(self.config, "pad_token_id", None)
@@ -468,6 +470,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         eos_token_id=None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         attention_mask: torch.Tensor | None = None,
+        stop=None,
         **kwargs,
     ):
         """Autoregressive decoding of ``prompt_ids`` [B, P] (left-padded per ``attention_mask``);
@@ -480,6 +483,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
             eos_token_id,
             generator,
             attention_mask=attention_mask,
+            stop=stop,
         )
 
     def generate(
@@ -493,6 +497,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         eos_token_id=None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         attention_mask: torch.Tensor | None = None,
+        stop=None,
         **kwargs,
     ):
         """Block diffusion; ``threshold`` commits confident tokens (None: ``steps`` passes per block)."""
@@ -505,6 +510,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
             eos_token_id,
             generator,
             attention_mask=attention_mask,
+            stop=stop,
         )
 
     def linear_spec_generate(
@@ -520,6 +526,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         draft_steps: int | None = None,
         verification: str = "rejection",
+        stop=None,
         **kwargs,
     ):
         """Self-speculation: diffusion drafts a block, the AR pass verifies it (lossless at temperature 0;
@@ -540,6 +547,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
             generator,
             attention_mask=attention_mask,
             mask_token_id=mask_token_id,
+            stop=stop,
         )
 
     def fused_spec_generate(
@@ -554,6 +562,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         verification: str = "rejection",
         redraft: bool = False,
+        stop=None,
     ):
         """Self-speculation in one pass per iteration: the verify pass also drafts the next block for
         every possible acceptance length (``block_length`` + ``block_length``^2 slots per pass);
@@ -571,4 +580,5 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
             attention_mask=attention_mask,
             mask_token_id=mask_token_id,
             lookahead=2,
+            stop=stop,
         )

@@ -166,11 +166,23 @@ class Sampler:
         return float(torch.rand((), generator=self.generator, device=device, dtype=torch.float64))
 
 
+# Asked after every emitted token with the row's generated tokens so far: True ends the row there (stop
+# sequences, which need the tokenizer, are checked by a callable the caller builds).
+Stop = Callable[[list[int]], bool]
+
+
 class Row:
     """One sequence of the batch: its place in the cache, its output, its limits."""
 
     def __init__(
-        self, index: int, cache: KVCache, max_new_tokens: int, eos: set[int], sample: Sampler, device
+        self,
+        index: int,
+        cache: KVCache,
+        max_new_tokens: int,
+        eos: set[int],
+        sample: Sampler,
+        device,
+        stop: Stop | None = None,
     ):
         self.index = index
         self.cache = cache
@@ -178,6 +190,7 @@ class Row:
         self.eos = eos
         self.sample = sample
         self.device = device
+        self.stop = stop
         self.out = Decoded(tokens=[], nfe=0)
 
     @property
@@ -189,10 +202,13 @@ class Row:
         self.cache.crop(self.index, length)
 
     def emit(self, tokens: list[int]) -> bool:
-        """Append ``tokens``; True when decoding is over (EOS emitted or the budget reached)."""
+        """Append ``tokens``; True when decoding is over (EOS emitted, the budget reached, or ``stop``
+        says so of the tokens so far)."""
         for token in tokens:
             self.out.tokens.append(int(token))
             if int(token) in self.eos or len(self.out.tokens) >= self.max_new_tokens:
+                return True
+            if self.stop is not None and self.stop(self.out.tokens):
                 return True
         return False
 
@@ -258,11 +274,12 @@ def decode_batch(
     temperature: float = 0.0,
     generator: torch.Generator | list[torch.Generator] | None = None,
     device: torch.device | str = "cpu",
+    stop: Stop | None = None,
 ) -> tuple[list[Decoded], int]:
     """Decode every prompt; returns each row's ``Decoded`` and the number of batched passes.
 
     ``generator``: one for all rows (drawn in row order), or one per row (then every row samples as it
-    would alone). It must live on ``device``, the model's."""
+    would alone). It must live on ``device``, the model's. ``stop``: ends a row early (see ``Stop``)."""
     device = torch.device(device)
     generators = generator if isinstance(generator, list) else [generator] * len(prompts)
     for g in generators:
@@ -274,7 +291,7 @@ def decode_batch(
     capacity = max(map(len, prompts)) + max_new_tokens + decoder.scratch + 2
     cache = KVCache(len(prompts), capacity)
     rows = [
-        Row(b, cache, max_new_tokens, eos, Sampler(mask_id, temperature, generators[b]), device)
+        Row(b, cache, max_new_tokens, eos, Sampler(mask_id, temperature, generators[b]), device, stop)
         for b in range(len(prompts))
     ]
     programs: list[Program | None] = [
