@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from data.config import DataConfig
-from data.metadata import DatasetMetadata
+from data.metadata import DataError, DatasetMetadata
 from data.tokenizer import TokenizerInfo
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -27,15 +27,16 @@ def check_data(cfg: DataConfig, vocab_size: int, mask_id: int | None = None) -> 
     cfg.validate()
     metadata = {prefix: DatasetMetadata.read(prefix) for prefix in [*cfg.prefixes, *cfg.valid_prefixes]}
     for prefix, meta in metadata.items():
+        meta.check_files(prefix)
         tok = meta.tokenizer
         if tok.vocab_size != vocab_size:
-            raise ValueError(
+            raise DataError(
                 f"{prefix} was tokenized with a vocabulary of {tok.vocab_size} ({tok.path}) but the model's "
                 f"vocab_size is {vocab_size}; preprocess it with the model's tokenizer, or set "
                 f"model.vocab_size={tok.vocab_size}"
             )
         if mask_id is not None and tok.mask_id != mask_id:
-            raise ValueError(
+            raise DataError(
                 f"{prefix} records mask id {tok.mask_id} ({tok.mask_source} of {tok.path}) but the model "
                 f"uses mask id {mask_id}; make them agree (objective.mask_token_id, or --mask-id when "
                 f"preprocessing)"
@@ -45,7 +46,7 @@ def check_data(cfg: DataConfig, vocab_size: int, mask_id: int | None = None) -> 
         by_tokenizer.setdefault(meta.tokenizer.fingerprint, []).append(f"{prefix} ({meta.tokenizer.path})")
     if len(by_tokenizer) > 1:
         groups = "; ".join(", ".join(group) for group in by_tokenizer.values())
-        raise ValueError(f"the data prefixes were tokenized with different tokenizers: {groups}")
+        raise DataError(f"the data prefixes were tokenized with different tokenizers: {groups}")
     if not cfg.valid_prefixes:
         _check_split(cfg.split, {p: metadata[p] for p in cfg.prefixes})
     return metadata
@@ -64,7 +65,7 @@ def _check_split(split: str, metadata: dict[str, DatasetMetadata]) -> None:
         for name, bounds in zip(SPLIT_NAMES, matrix, strict=True):
             # The same rounding as BlendedMegatronDatasetBuilder, which splits by document.
             if bounds is not None and round(bounds[1] * n) - round(bounds[0] * n) == 0:
-                raise ValueError(
+                raise DataError(
                     f"data.split={split!r} gives 0 of the {n} documents of {prefix} to {name}; set the "
                     f"{name} part to 0, raise it, or preprocess more documents"
                 )
@@ -88,7 +89,7 @@ def build_datasets(
     metadata = check_data(cfg, tokenizer.vocab_size, tokenizer.mask_id)
     first = next(iter(metadata.values())).tokenizer
     if first.fingerprint != tokenizer.fingerprint:
-        raise ValueError(
+        raise DataError(
             f"data.tokenizer {tokenizer.path} is not the tokenizer the data was written with ({first.path}); "
             f"point data.tokenizer at that folder or preprocess again"
         )
@@ -121,9 +122,12 @@ def build_datasets(
             **splits,
         )
         built = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), is_built_on_rank, config).build()
+    sources = [cfg.prefixes, cfg.valid_prefixes or cfg.prefixes, cfg.prefixes]
     return tuple(
-        None if ds is None else PackedSequenceDataset(ds, tokenizer.eod_id, cfg.document_masks)
-        for ds in built
+        None
+        if ds is None
+        else PackedSequenceDataset(ds, tokenizer.eod_id, cfg.document_masks, tokenizer.vocab_size, prefixes)
+        for ds, prefixes in zip(built, sources, strict=True)
     )
 
 
@@ -185,17 +189,39 @@ def document_ids_and_positions(tokens: torch.Tensor, eod_id: int) -> tuple[torch
 class PackedSequenceDataset(torch.utils.data.Dataset):
     """megatron.core samples (documents packed back to back) with document-aware ids when asked."""
 
-    def __init__(self, samples, eod_id: int, document_masks: bool):
+    def __init__(
+        self,
+        samples,
+        eod_id: int,
+        document_masks: bool,
+        vocab_size: int | None = None,
+        prefixes: list[str] | None = None,
+    ):
         # The megatron.core BlendedDataset or GPTDataset behind it.
         self.samples = samples
         self.eod_id = eod_id
         self.document_masks = document_masks
+        # Token ids at or past vocab_size mean a damaged .bin (the size checks cannot see same-size
+        # garbage); refused here, by name, instead of as an index error inside the embedding.
+        self.vocab_size = vocab_size
+        self.prefixes = prefixes or []
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         sample = self.samples[idx]
+        if self.vocab_size is not None:
+            tokens = sample["tokens"]
+            low, high = int(tokens.min()), int(max(tokens.max(), sample["labels"].max()))
+            if low < 0 or high >= self.vocab_size:
+                source = int(sample.get("dataset_id", 0))
+                prefix = self.prefixes[source] if source < len(self.prefixes) else "the data"
+                raise DataError(
+                    f"sample {idx} of {prefix} holds token id {high if high >= self.vocab_size else low}, "
+                    f"outside the vocabulary [0, {self.vocab_size}): its .bin is damaged (garbage of the "
+                    f"right size); re-run preprocessing for it with --overwrite"
+                )
         item = {
             "tokens": sample["tokens"],  # [L]
             "labels": sample["labels"],  # [L], the next token

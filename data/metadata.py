@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from data.tokenizer import TokenizerInfo
 
@@ -25,6 +28,17 @@ def preprocess_hint(prefix: str | Path) -> str:
         f"--tokenizer TOKENIZER_DIR` (it resumes an interrupted run), or for the bundled demo corpora "
         f"`python scripts/prepare_demo_data.py --out DIR`"
     )
+
+
+class DataError(ValueError):
+    """A dataset prefix that cannot be read as written (missing, truncated, swapped or garbage files)."""
+
+
+# megatron.core's .idx: header, version, dtype code, sequence and document counts, then per sequence an
+# int32 length and an int64 byte offset, then int64 document boundaries.
+_IDX_HEADER = b"MMIDIDX\x00\x00"
+_IDX_PREAMBLE = struct.Struct("<9sQBQQ")
+_IDX_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64", 7: "float32", 8: "uint16"}
 
 
 @dataclass(frozen=True)
@@ -64,14 +78,66 @@ class DatasetMetadata:
                 + (" (preprocessing did not finish)" if unfinished else "")
                 + f"; {preprocess_hint(prefix)}"
             )
-        raw = json.loads(path.read_text())
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has format_version={raw.get('format_version')}, this Tandem writes "
+        try:
+            raw = json.loads(path.read_bytes().decode())
+        except ValueError as err:  # UnicodeDecodeError and JSONDecodeError
+            raise DataError(
+                f"{path} is not valid JSON ({err}): the metadata file is damaged; re-run preprocessing for "
+                f"{prefix} with --overwrite"
+            ) from None
+        if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
+            version = raw.get("format_version") if isinstance(raw, dict) else None
+            raise DataError(
+                f"{path} has format_version={version}, this Tandem writes "
                 f"{FORMAT_VERSION}; re-run preprocessing for {prefix} with --overwrite"
             )
-        raw["tokenizer"] = TokenizerInfo(**raw["tokenizer"])
-        return cls(**raw)
+        try:
+            raw["tokenizer"] = TokenizerInfo(**raw["tokenizer"])
+            return cls(**raw)
+        except (KeyError, TypeError) as err:
+            raise DataError(
+                f"{path} lacks or misnames fields ({err}): the metadata file is damaged; re-run "
+                f"preprocessing for {prefix} with --overwrite"
+            ) from None
+
+    def check_files(self, prefix: str | Path) -> None:
+        """``DataError`` unless ``<prefix>.bin`` and ``.idx`` are the files this metadata describes: sizes,
+        the index header and its last entry (a few bytes read, whatever the size of the data)."""
+        bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+        fix = f"re-run preprocessing for {prefix} with --overwrite"
+        itemsize = np.dtype(self.dtype).itemsize
+        bin_size, idx_size = bin_path.stat().st_size, idx_path.stat().st_size
+        if bin_size != self.tokens * itemsize:
+            raise DataError(
+                f"{bin_path} has {bin_size} bytes but {metadata_path(prefix)} records {self.tokens} tokens "
+                f"of {self.dtype} ({self.tokens * itemsize} bytes): truncated, swapped or from another "
+                f"preprocessing run; {fix}"
+            )
+        with open(idx_path, "rb") as f:
+            preamble = f.read(_IDX_PREAMBLE.size)
+            if len(preamble) < _IDX_PREAMBLE.size:
+                raise DataError(f"{idx_path} has {idx_size} bytes, too few for an index header: truncated; {fix}")
+            header, version, code, sequences, documents = _IDX_PREAMBLE.unpack(preamble)
+            if header != _IDX_HEADER or version != 1 or _IDX_DTYPES.get(code) != self.dtype:
+                raise DataError(
+                    f"{idx_path} does not start with a megatron index header for {self.dtype} tokens "
+                    f"(garbage, or the index of another dataset); {fix}"
+                )
+            expected = _IDX_PREAMBLE.size + sequences * 12 + documents * 8
+            if idx_size != expected or sequences == 0:
+                raise DataError(
+                    f"{idx_path} has {idx_size} bytes; its header ({sequences} sequences, {documents} "
+                    f"document boundaries) needs {expected}: truncated or damaged; {fix}"
+                )
+            f.seek(_IDX_PREAMBLE.size + (sequences - 1) * 4)
+            (last_length,) = struct.unpack("<i", f.read(4))
+            f.seek(_IDX_PREAMBLE.size + sequences * 4 + (sequences - 1) * 8)
+            (last_pointer,) = struct.unpack("<q", f.read(8))
+        if last_pointer + last_length * itemsize != bin_size:
+            raise DataError(
+                f"{idx_path} indexes {last_pointer + last_length * itemsize} bytes of tokens but {bin_path} "
+                f"has {bin_size}: the .bin and .idx are not a pair (swapped?) or the index is damaged; {fix}"
+            )
 
 
 def metadata_path(prefix: str | Path) -> Path:

@@ -112,6 +112,14 @@ class OptimConfig:
             raise ConfigError(f"optim.beta1={self.beta1} and optim.beta2={self.beta2} must be in [0, 1)")
 
 
+class OnUnreadable(enum.Enum):
+    """What a run does when the newest checkpoint of its own folder cannot be loaded."""
+
+    error = "error"  # stop, listing every checkpoint and why it failed
+    previous = "previous"  # resume from the newest good one (the damaged ones move to unreadable/)
+    fresh = "fresh"  # as previous, and step 0 when none is loadable (they all move to unreadable/)
+
+
 @dataclass
 class CheckpointConfig:
     # Where checkpoints go; None -> <run_dir>/checkpoints. Auto-resume reads the same folder.
@@ -124,6 +132,9 @@ class CheckpointConfig:
     load: str | None = None
     # With `load`: weights only (no optimizer, scheduler, step or data position).
     finetune: bool = False
+    # The newest checkpoint is damaged: error (stop, naming each checkpoint and why), previous (the
+    # newest good one) or fresh (that, else step 0). Damaged ones are moved aside, never deleted.
+    on_unreadable: OnUnreadable = OnUnreadable.error
 
 
 @dataclass

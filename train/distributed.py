@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -20,6 +22,8 @@ from megatron.core import parallel_state, tensor_parallel
 from model import cpu
 from model.config import ConfigError
 from train.config import TrainConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,10 +118,40 @@ def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def shutdown() -> None:
+def from_rank0(work: Callable[[], T]) -> T:
+    """``work()`` run on rank 0, its result (or the exception it raised) on every rank; collective. Rank
+    0's file-system work then cannot leave the other ranks waiting in a collective for a rank that
+    failed."""
+    outcome: tuple = (None, None)
+    if dist.get_rank() == 0:
+        try:
+            outcome = (work(), None)
+        except Exception as err:
+            try:
+                pickle.dumps(err)
+            except Exception:
+                err = RuntimeError(f"{type(err).__name__}: {err}")
+            outcome = (None, err)
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def shutdown(failed: bool = False) -> None:
+    """Destroy the process groups. ``failed``: this rank is leaving on an error, and peers may be
+    blocked in a collective: NCCL groups are aborted rather than torn down politely (a polite teardown
+    waits for them)."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if failed and abort is not None and "nccl" in str(dist.get_backend()):
+        abort()
+    else:
         dist.destroy_process_group()
 
 

@@ -36,8 +36,8 @@ from model.config import Dtype
 from model.megatron import TORCH_DTYPES, backend_notice, build_model
 from train import checkpoint as ckpt
 from train import step as model_step
-from train.config import TrainConfig, to_yaml
-from train.distributed import World, collective_device, init_distributed, shutdown
+from train.config import OnUnreadable, TrainConfig, to_yaml
+from train.distributed import World, collective_device, from_rank0, init_distributed, shutdown
 from train.flops import block_diffusion_pairs, causal_pairs, gpu_peak_flops, training_flops_per_sample
 from train.logger import MetricsLogger
 from train.objectives import CausalLM, ModelInputs, build_objective
@@ -57,15 +57,18 @@ class RunResult:
 
 
 class _Signals:
-    """SIGTERM / SIGUSR1 (SLURM preemption, walltime) ask for a checkpoint and a clean exit."""
+    """SIGTERM / SIGUSR1 (SLURM preemption, walltime) and SIGINT (Ctrl-C) ask for a checkpoint and a
+    clean exit after the current step; a second Ctrl-C stops at once (``KeyboardInterrupt``)."""
 
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
         self.received = signum
 
     def any_rank(self) -> bool:
@@ -98,6 +101,10 @@ class Trainer:
                 "scripts/import_hf.py or point it at a run's checkpoints/ folder"
             )
         self.tokenizer = load_tokenizer_info(cfg.data.tokenizer)
+        # What a checkpoint must share with this run to be resumed from (finetune: the shapes only).
+        self.identity = ckpt.RunIdentity(cfg.model, cfg.objective.kind, self.tokenizer.fingerprint)
+        # False after a fresh start over a folder that held checkpoints: nothing of it is ever deleted.
+        self.prune = True
         mask_id = (
             cfg.objective.mask_token_id if cfg.objective.mask_token_id is not None else self.tokenizer.mask_id
         )
@@ -211,20 +218,36 @@ class Trainer:
             config_yaml,
             self.cfg.checkpoint.keep,
             tokenizer=Path(self.tokenizer.path),
+            tokenizer_fingerprint=self.tokenizer.fingerprint,
+            prune=self.prune,
         )
 
     # ---- resume -----------------------------------------------------------------------------
 
     def resume(self) -> str | None:
         """Continue from this run's own checkpoints, else start from checkpoint.load (weights only when
-        checkpoint.finetune). Returns what was loaded, for the log."""
-        found = ckpt.load(self.checkpoint_dir, self.modules, self.optimizer)
+        checkpoint.finetune). Returns what was loaded, for the log.
+
+        The run's own folder is read with ``checkpoint.on_unreadable`` and its damaged checkpoints are
+        moved aside; another configuration's checkpoint there is a ``CheckpointMismatch``."""
+        policy = self.cfg.checkpoint.on_unreadable
+        held = from_rank0(lambda: ckpt.has_checkpoints(self.checkpoint_dir))
+        found = ckpt.load(
+            self.checkpoint_dir,
+            self.modules,
+            self.optimizer,
+            on_unreadable=policy,
+            expect=self.identity,
+            move_damaged=True,
+        )
         if found is not None:
             self.state, folder = found
             return f"resumed from {folder} at step {self.state.step}"
+        if held:
+            self.prune = False
         source = self.cfg.checkpoint.load
         if source is None:
-            return None
+            return "started fresh over unreadable checkpoints (kept; no pruning this run)" if held else None
         source_path = Path(source)
         one_folder = (source_path / ckpt.MANIFEST).is_file()  # an iter_* folder: exactly that one
         root = source_path.parent if one_folder else source_path
@@ -234,6 +257,9 @@ class Trainer:
             self.optimizer,
             weights_only=self.cfg.checkpoint.finetune,
             only=source_path if one_folder else None,
+            # Another folder's checkpoints are never moved, nor replaced by a fresh start.
+            on_unreadable=OnUnreadable.error if policy is OnUnreadable.error else OnUnreadable.previous,
+            expect=self.identity,
         )
         if found is None:
             raise FileNotFoundError(
@@ -396,18 +422,30 @@ def measured_matmul_flops(size: int = 512, repeats: int = 5) -> float:
 
 
 def run(cfg: TrainConfig) -> RunResult:
-    """Train as ``cfg`` says; returns where things went and the final figures."""
+    """Train as ``cfg`` says; returns where things went and the final figures. On any error the run
+    folder's lock is released and the process groups are torn down before the error propagates."""
     world = init_distributed(cfg)
     logging.basicConfig(level=logging.INFO if world.is_main else logging.WARNING, format="%(message)s")
     # megatron.core narrates dataset and checkpoint internals at INFO; keep its warnings only.
     logging.getLogger("megatron").setLevel(logging.WARNING)
     _init_rerun_state_machine()
-    signals = _Signals()
+    lock = ckpt.RunLock(_run_folders(cfg))
+    failed = True
     try:
-        return _run(cfg, world, signals)
+        from_rank0(lock.acquire)  # before anything is written into the run folder
+        result = _run(cfg, world)
+        failed = False
+        return result
     finally:
-        signals.restore()
-        shutdown()
+        lock.release()
+        shutdown(failed=failed)
+
+
+def _run_folders(cfg: TrainConfig) -> list[Path]:
+    """The folders one trainer owns: the run folder, and the checkpoint folder when it lies elsewhere."""
+    run_dir = Path(cfg.run_dir).resolve()
+    checkpoints = Path(cfg.checkpoint.dir).resolve() if cfg.checkpoint.dir else run_dir / "checkpoints"
+    return [run_dir] if checkpoints.is_relative_to(run_dir) else [run_dir, checkpoints]
 
 
 def _init_rerun_state_machine() -> None:
@@ -424,7 +462,7 @@ def _init_rerun_state_machine() -> None:
         rerun_logger.setLevel(level)
 
 
-def _run(cfg: TrainConfig, world: World, signals: _Signals) -> RunResult:
+def _run(cfg: TrainConfig, world: World) -> RunResult:
     run_dir = Path(cfg.run_dir)
     config_yaml = to_yaml(cfg)
     if world.is_main:
@@ -459,7 +497,6 @@ def _run(cfg: TrainConfig, world: World, signals: _Signals) -> RunResult:
         + (f", {resumed}" if resumed else "")
     )
     logger.message(backend_notice(cfg.model))
-    peak = _peak_flops(cfg)
     result = RunResult(run_dir=run_dir, checkpoint_dir=trainer.checkpoint_dir, step=state.step)
 
     def save():
@@ -470,40 +507,49 @@ def _run(cfg: TrainConfig, world: World, signals: _Signals) -> RunResult:
             result.last_validation = trainer.evaluate(valid_set)
             logger.validation(state.step, result.last_validation)
 
-    if cfg.logging.eval_interval and state.step == 0:
-        validate()
-    saved_at = state.step
-    while state.step < cfg.steps:
-        step = state.step
-        start = time.perf_counter()
-        metrics = trainer.train_step(step, sampler.batches(state.consumed_samples))
-        elapsed = time.perf_counter() - start
-        state.step += 1
-        state.consumed_samples += cfg.global_batch_size
-        tokens = cfg.global_batch_size * cfg.data.seq_length
-        achieved = trainer.flops_per_sample * cfg.global_batch_size / elapsed / world.size
-        metrics.update(step_time=elapsed, tokens_per_s=tokens / elapsed, tflops_per_device=achieved / 1e12)
-        if peak:
-            metrics["mfu"] = achieved / peak
-        result.train_losses.append(metrics["loss"])
-        if state.step % cfg.logging.interval == 0 or state.step == cfg.steps:
-            logger.train(state.step, metrics)
-        else:
-            logger.advance(state.step)
-        if cfg.logging.eval_interval and (
-            state.step % cfg.logging.eval_interval == 0 or state.step == cfg.steps
-        ):
+    # Installed only now: a signal during start-up (a launcher stopping the ranks of a failed start)
+    # ends the process at once; from here on it ends the step, saves and exits.
+    signals = _Signals()
+    peak = _peak_flops(cfg)
+    try:
+        if cfg.logging.eval_interval and state.step == 0:
             validate()
-        if signals.any_rank():
+        saved_at = state.step
+        while state.step < cfg.steps:
+            step = state.step
+            start = time.perf_counter()
+            metrics = trainer.train_step(step, sampler.batches(state.consumed_samples))
+            elapsed = time.perf_counter() - start
+            state.step += 1
+            state.consumed_samples += cfg.global_batch_size
+            tokens = cfg.global_batch_size * cfg.data.seq_length
+            achieved = trainer.flops_per_sample * cfg.global_batch_size / elapsed / world.size
+            metrics.update(
+                step_time=elapsed, tokens_per_s=tokens / elapsed, tflops_per_device=achieved / 1e12
+            )
+            if peak:
+                metrics["mfu"] = achieved / peak
+            result.train_losses.append(metrics["loss"])
+            if state.step % cfg.logging.interval == 0 or state.step == cfg.steps:
+                logger.train(state.step, metrics)
+            else:
+                logger.advance(state.step)
+            if cfg.logging.eval_interval and (
+                state.step % cfg.logging.eval_interval == 0 or state.step == cfg.steps
+            ):
+                validate()
+            if signals.any_rank():
+                save()
+                result.preempted = True
+                logger.message(f"stopping at step {state.step} on a signal; resume with the same command")
+                break
+            if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0:
+                save()
+                saved_at = state.step
+        if not result.preempted and saved_at != state.step:
             save()
-            result.preempted = True
-            logger.message(f"stopping at step {state.step} on a signal; resume with the same command")
-            break
-        if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0:
-            save()
-            saved_at = state.step
-    if not result.preempted and saved_at != state.step:
-        save()
+    finally:
+        signals.restore()
+        logger.close()
     result.step = state.step
-    logger.close()
     return result

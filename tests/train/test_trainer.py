@@ -173,17 +173,43 @@ def test_finetune_loads_weights_only(demo_data, reference, tmp_path):
     assert got[1] < losses(reference)[1] - 0.5
 
 
+def truncate_largest_shard(folder: Path) -> None:
+    shard = max(folder.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+
+
 def test_corrupt_checkpoint_falls_back_to_the_previous_good_one(demo_data, reference, tmp_path):
     run_dir = resumable_copy(reference, tmp_path / "corrupt", step=12)
     checkpoints = run_dir / "checkpoints"
-    shard = max((checkpoints / "iter_0000012").glob("*.distcp"), key=lambda p: p.stat().st_size)
-    with open(shard, "r+b") as f:
-        f.truncate(shard.stat().st_size // 2)
+    truncate_largest_shard(checkpoints / "iter_0000012")
     (checkpoints / "iter_0000018.tmp").mkdir()  # a save that never finished
-    output = train(demo_data, run_dir, "steps=8")
-    assert "skipping checkpoint" in output and "iter_0000012" in output
-    assert "iter_0000006" in output
+    output = train(demo_data, run_dir, "steps=8", "checkpoint.on_unreadable=previous")
+    assert "iter_0000012 is unusable" in output and "resumed from" in output and "iter_0000006" in output
+    assert (checkpoints / "unreadable" / "iter_0000012").is_dir()  # moved aside, not deleted
     assert_same_losses(losses(run_dir), losses(reference), range(7, 9), rel=1e-6)
+
+
+def test_by_default_an_unreadable_checkpoint_stops_the_run_listing_each_one(demo_data, reference, tmp_path):
+    run_dir = resumable_copy(reference, tmp_path / "stop", step=18)
+    checkpoints = run_dir / "checkpoints"
+    truncate_largest_shard(checkpoints / "iter_0000018")
+    (checkpoints / "iter_0000012" / "tandem.json").write_text("{")
+    proc = subprocess.run(
+        command(run_dir, "steps=20"), cwd=REPO, env=environment(demo_data), capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    listing = proc.stderr[proc.stderr.index("CheckpointUnreadable") :]
+    assert "iter_0000018: __0_" in listing and "truncated" in listing  # the one tried, and why
+    assert "iter_0000012: tandem.json is unreadable" in listing  # the older ones, and why
+    assert "iter_0000006: complete by its sizes" in listing
+    assert "checkpoint.on_unreadable=previous" in listing
+    assert not (run_dir / "metrics.jsonl").exists()  # no step trained, nothing saved or moved
+    assert sorted(p.name for p in checkpoints.glob("iter_*")) == [
+        "iter_0000006",
+        "iter_0000012",
+        "iter_0000018",
+    ]
 
 
 def test_a_diverging_run_stops_naming_the_step_and_micro_batch(demo_data, tmp_path):
