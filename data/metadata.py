@@ -38,7 +38,16 @@ class DataError(ValueError):
 # int32 length and an int64 byte offset, then int64 document boundaries.
 _IDX_HEADER = b"MMIDIDX\x00\x00"
 _IDX_PREAMBLE = struct.Struct("<9sQBQQ")
-_IDX_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64", 7: "float32", 8: "uint16"}
+_IDX_DTYPES = {
+    1: "uint8",
+    2: "int8",
+    3: "int16",
+    4: "int32",
+    5: "int64",
+    6: "float64",
+    7: "float32",
+    8: "uint16",
+}
 
 
 @dataclass(frozen=True)
@@ -116,7 +125,9 @@ class DatasetMetadata:
         with open(idx_path, "rb") as f:
             preamble = f.read(_IDX_PREAMBLE.size)
             if len(preamble) < _IDX_PREAMBLE.size:
-                raise DataError(f"{idx_path} has {idx_size} bytes, too few for an index header: truncated; {fix}")
+                raise DataError(
+                    f"{idx_path} has {idx_size} bytes, too few for an index header: truncated; {fix}"
+                )
             header, version, code, sequences, documents = _IDX_PREAMBLE.unpack(preamble)
             if header != _IDX_HEADER or version != 1 or _IDX_DTYPES.get(code) != self.dtype:
                 raise DataError(
