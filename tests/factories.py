@@ -54,3 +54,51 @@ def tiny_nld_model(seed: int = 0, **overrides):
     values.update(overrides)
     torch.manual_seed(seed)
     return NemotronLabsDiffusionModel(NemotronLabsDiffusionConfig(**values)).eval()
+
+
+def hf_twin(cfg: ModelConfig, family: str):
+    """The transformers model of the same shape (config written out independently of Tandem)."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Ministral3Config,
+        Ministral3ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.query_groups,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.norm_epsilon,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False,
+        rope_parameters=cfg.rope.to_hf(),
+        attention_dropout=0.0,
+    )
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, attention_bias=False, mlp_bias=False))
+    if family == "ministral3":
+        return Ministral3ForCausalLM(Ministral3Config(**common))
+    if family == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**common, attention_bias=False))
+    raise ValueError(family)
+
+
+def export_in_transformers(cfg: ModelConfig, export, family: str = "llama"):
+    """An export's weights (``encoder.*`` -> ``model.*``, ``diffusion_head`` -> ``lm_head``) in
+    transformers' own class of ``family``, in eval mode."""
+    from safetensors.torch import load_file
+
+    renamed = {
+        k.replace("encoder.", "model.", 1).replace("diffusion_head.", "lm_head."): v
+        for k, v in load_file(str(export / "model.safetensors")).items()
+    }
+    reference = hf_twin(cfg, family)
+    reference.load_state_dict(renamed, strict=True)
+    return reference.eval()

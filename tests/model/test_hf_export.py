@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM, Ministral3Config, Ministral3ForCausalLM
 
 from kernels import masks
 from model import keymap
@@ -21,7 +20,7 @@ from model.generation import decode, encode_prompt, load_export
 from model.hf_config import model_from_hf
 from model.megatron import build_model
 from tests.conftest import REPO
-from tests.factories import tiny_model
+from tests.factories import export_in_transformers, tiny_model
 from tests.model.reference_decoding import (
     reference_ar,
     reference_diffusion,
@@ -277,34 +276,10 @@ def test_transformers_classes_reproduce_the_export(megatron_single, demo_data, t
     save_checkpoint(tmp_path / "ckpt", cfg, demo_data / "tokenizer", block_size=8, seed=1)
     out = export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
     ours, _ = load_export(out)
-    from safetensors.torch import load_file
-
-    renamed = {
-        k.replace("encoder.", "model.", 1).replace("diffusion_head.", "lm_head."): v
-        for k, v in load_file(str(out / "model.safetensors")).items()
-    }
-    common = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.query_groups,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.norm_epsilon,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters=cfg.rope.to_hf(),
-        tie_word_embeddings=False,
-    )
-    reference = (
-        LlamaForCausalLM(LlamaConfig(**common))
-        if family == "llama"
-        else Ministral3ForCausalLM(Ministral3Config(**common))
-    )
-    reference.load_state_dict(renamed, strict=True)
+    reference = export_in_transformers(cfg, out, family)
     tokens = torch.randint(3, cfg.vocab_size, (1, 48), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        expected = reference.eval()(input_ids=tokens).logits
+        expected = reference(input_ids=tokens).logits
         got = ours(tokens, dlm_paradigm="autoregressive").logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    Ministral3Config,
-    Ministral3ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
 
 from kernels import flex, masks
 from model import keymap
 from model.attention import attention_inputs
 from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
 from model.megatron import build_model
-from tests.factories import tiny_model
+from tests.factories import hf_twin, tiny_model
 
 YARN = RopeConfig(
     rope_type=RopeType.yarn,
@@ -57,31 +49,6 @@ def megatron_state(model) -> dict[str, torch.Tensor]:
 def forward(model, cfg, tokens, position_ids, mask):
     inputs = attention_inputs(cfg, position_ids, mask)
     return model(tokens, position_ids, None, packed_seq_params=inputs, runtime_gather_output=True)
-
-
-def hf_twin(cfg: ModelConfig, family: str):
-    """The transformers model of the same shape (config written out independently of Tandem)."""
-    common = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.query_groups,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.norm_epsilon,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=False,
-        rope_parameters=cfg.rope.to_hf(),
-        attention_dropout=0.0,
-    )
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common, attention_bias=False, mlp_bias=False))
-    if family == "ministral3":
-        return Ministral3ForCausalLM(Ministral3Config(**common))
-    if family == "qwen3":
-        return Qwen3ForCausalLM(Qwen3Config(**common, attention_bias=False))
-    raise ValueError(family)
 
 
 @pytest.mark.parametrize(

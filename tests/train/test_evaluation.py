@@ -1,0 +1,52 @@
+"""Held-out scoring of an export reproduces the trainer's own validation figures on the same data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from model.generation import load_export
+from tests.conftest import REPO
+from tests.factories import SMALL_MODEL
+from train.evaluation import held_out_losses, run_config
+from train.hf import export_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def test_held_out_losses_of_the_export_equal_the_trainers_validation(demo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [
+        *SMALL_MODEL,
+        "steps=2",
+        "global_batch_size=4",
+        "micro_batch_size=2",
+        "logging.eval_interval=2",
+        "logging.eval_iters=2",
+        "logging.tensorboard=false",
+        "checkpoint.interval=0",
+        f"run_dir={run_dir}",
+    ]
+    env = {"TANDEM_DATA": str(demo_data), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", *overrides],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    validation = next(r for r in rows if r.get("split") == "valid" and r["step"] == 2)
+    export = export_checkpoint(run_dir, tmp_path / "hf")
+    model, _ = load_export(export)
+    scores = held_out_losses(model, run_config(run_dir))
+    for key in ("loss", "ar_loss", "diffusion_loss", "masked_ce"):
+        assert scores[key] == pytest.approx(validation[key], rel=2e-5), key
+    assert scores["ar_perplexity"] == pytest.approx(math.exp(validation["ar_loss"]), rel=2e-5)
