@@ -110,6 +110,10 @@ def model_from_hf(hf: dict, name: str) -> ModelConfig:
         raise ConfigError(
             f"model_type {model_type!r} cannot be imported; supported: {', '.join(sorted(IMPORTABLE))}"
         )
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
+        value = hf.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.json {key}={value!r}: expected a positive integer")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConfigError(f"{model_type} with linear biases is not supported (Tandem's layers have none)")
     heads = hf["num_attention_heads"]

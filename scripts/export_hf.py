@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from model.hf_config import HF_DTYPES
+from train.checkpoint import CheckpointError
 from train.hf import export_checkpoint
 
 
@@ -30,8 +31,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} -> {out}")
     return 0

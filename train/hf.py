@@ -60,6 +60,8 @@ REMOTE_CODE = {
 }
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 SHARD_SIZE = "5GB"
+# Weight files that are Python pickles (torch.save): refused, never loaded.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass
@@ -72,36 +74,65 @@ class CheckpointInfo:
 
 
 def find_checkpoint(path: str | Path) -> CheckpointInfo:
-    """The newest good checkpoint under ``path``: a run folder, its checkpoints/, or an iter_* folder."""
+    """The newest checkpoint under ``path`` (a run folder, its checkpoints/, or an iter_* folder),
+    verified in full (sizes and checksums). A damaged one is a ``CheckpointUnreadable`` naming it and
+    the older ones that are intact: an export never falls back to an older checkpoint unasked."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    if (path / ckpt.MANIFEST).is_file():
+    if (path / ckpt.MANIFEST).is_file() or ckpt.step_of(path) is not None:
         folders = [path]
     else:
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         folders = ckpt.candidates(root)
-    for folder in folders:
-        if ckpt.verify(folder) is None:
-            return _read_info(folder)
-    raise FileNotFoundError(
-        f"no complete Tandem checkpoint under {path} (looked for iter_*/ folders with {ckpt.MANIFEST}); "
-        "give a run folder, its checkpoints/ folder or one iter_* folder"
-    )
+    if not folders:
+        raise FileNotFoundError(
+            f"no Tandem checkpoint under {path} (looked for iter_*/ folders with {ckpt.MANIFEST}); "
+            "give a run folder, its checkpoints/ folder or one iter_* folder"
+        )
+    problem = ckpt.verify(folders[0], checksums=True)
+    if problem is None:
+        return _read_info(folders[0])
+    intact = [f.name for f in folders[1:] if ckpt.verify(f) is None]
+    hint = f"; to export an older one name its folder, e.g. --checkpoint {folders[0].parent / intact[0]}"
+    raise ckpt.CheckpointUnreadable(f"{folders[0]} is damaged: {problem}" + (hint if intact else ""))
 
 
 def _read_info(folder: Path) -> CheckpointInfo:
-    saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(folder / "config.yaml"))
-    model = OmegaConf.to_object(saved.model)
-    objective = OmegaConf.to_object(saved.objective)
-    precision = OmegaConf.to_object(saved.precision)
+    try:
+        saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(folder / "config.yaml"))
+        model = OmegaConf.to_object(saved.model)
+        objective = OmegaConf.to_object(saved.objective)
+        precision = OmegaConf.to_object(saved.precision)
+    except Exception as err:  # OmegaConf and YAML raise many types for a damaged file
+        raise ckpt.CheckpointUnreadable(f"{folder / 'config.yaml'} is unreadable: {err}") from err
     tokenizer = folder.parent / ckpt.TOKENIZER
     if not tokenizer.is_dir():
         raise FileNotFoundError(
             f"{tokenizer} is missing: the checkpoint root keeps a copy of the run's tokenizer; copy the "
             "tokenizer folder the run trained with there"
         )
+    _check_tokenizer_copy(tokenizer, ckpt.manifest_of(folder).get("tokenizer_fingerprint"))
     return CheckpointInfo(folder, model, objective, precision, tokenizer)
+
+
+def _check_tokenizer_copy(tokenizer: Path, fingerprint: str | None) -> None:
+    """``CheckpointUnreadable`` when the checkpoint's tokenizer copy does not load, or is not the one
+    the run trained with (the manifest's fingerprint)."""
+    from data.tokenizer import load_tokenizer_info
+
+    fix = "copy the tokenizer folder the run trained with there"
+    try:
+        info = load_tokenizer_info(tokenizer)
+    except Exception as err:  # tokenizers and transformers raise many types for a damaged file
+        raise ckpt.CheckpointUnreadable(
+            f"the tokenizer copy {tokenizer} does not load: {err}; {fix}"
+        ) from None
+    if fingerprint and info.fingerprint != fingerprint:
+        raise ckpt.CheckpointUnreadable(
+            f"the tokenizer copy {tokenizer} is not the tokenizer the checkpoint was trained with (its "
+            f"fingerprint differs from {ckpt.MANIFEST}'s); {fix}"
+        )
 
 
 def load_megatron_state(info: CheckpointInfo) -> dict[str, torch.Tensor]:
@@ -310,12 +341,51 @@ class _SafetensorsSource:
             with safe_open(str(folder / "model.safetensors"), "pt") as f:
                 self._file_of = dict.fromkeys(f.keys(), folder / "model.safetensors")
         else:
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
             raise FileNotFoundError(
                 f"{folder} has no model.safetensors (or index); only safetensors weights are read"
+                + (
+                    f": {', '.join(pickles[:3])} are pickles, which can run code when loaded, and are "
+                    "never unpickled here; convert them to safetensors where you trust them"
+                    if pickles
+                    else ""
+                )
             )
 
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """A stored tensor's shape, from its file's header (nothing is read); None when absent."""
+        from safetensors import safe_open
+
+        if name not in self._file_of:
+            return None
+        with safe_open(str(self._file_of[name]), "pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def check_sizes(self, layout: keymap.HfLayout, model: ModelConfig) -> None:
+        """``ConfigError`` when config.json's sizes are not those of the stored weights (an absurd or
+        mismatched config is refused from the headers, before anything is allocated)."""
+        embedding = f"{layout.prefix}embed_tokens.weight"
+        down = f"{layout.prefix}layers.0.mlp.down_proj.weight"
+        expected = {
+            embedding: (model.vocab_size, model.hidden_size),
+            down: (model.hidden_size, model.ffn_hidden_size),
+        }
+        for name, shape in expected.items():
+            stored = self.shape(name)
+            if stored is not None and stored != shape:
+                raise ConfigError(
+                    f"config.json's sizes (vocab_size, hidden_size, intermediate_size) make {name} "
+                    f"{list(shape)} but the weights store {list(stored)}: the config does not belong to them"
+                )
+        layers = f"{layout.prefix}layers."
+        stored = {int(n[len(layers) :].split(".")[0]) for n in self._file_of if n.startswith(layers)}
+        if stored and stored != set(range(model.num_layers)):
+            raise ConfigError(
+                f"config.json num_hidden_layers={model.num_layers} but the weights hold {len(stored)} layers"
+            )
 
     def dtypes(self) -> set[str]:
         """The safetensors dtype names (``BF16``, ``F32``, ...) of the stored tensors, from the headers."""
@@ -424,6 +494,7 @@ def import_hf(
     nld = hf.get("model_type") == MODEL_TYPE
     layout = keymap.LAYOUTS[MODEL_TYPE if nld else "llama"]
     source = _SafetensorsSource(hf_dir)
+    source.check_sizes(layout, model)
     tied = bool(hf.get("tie_word_embeddings", False)) and layout.head not in source
     # A tokenizer needs no remote code; left unsaid, transformers asks on the terminal whether to run
     # an NLD export's modeling code (and waits for an answer).
