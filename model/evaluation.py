@@ -20,6 +20,7 @@ folders, exporting them on the fly).
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -96,12 +97,6 @@ class TandemLM(TemplateLM):
         **_ignored,
     ):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}; choose one of {', '.join(MODES)}")
-        if mode == "ar" and (block_length is not None or threshold is not None):
-            raise ValueError("block_length and threshold do not apply to mode=ar")
-        if mode == "self_spec_fused" and threshold is not None:
-            raise ValueError("threshold does not apply to self_spec_fused (its drafts come from one pass)")
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
         if str(batch_size).startswith("auto"):
@@ -109,18 +104,40 @@ class TandemLM(TemplateLM):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer = load_export(pretrained, dtype=DTYPES[dtype], device=device)
         self.pretrained = str(pretrained)
-        self.mode = mode
-        self.block_length = None if block_length is None else int(block_length)
-        self.threshold = None if threshold is None else float(threshold)
+        self._set_mode(mode, block_length, threshold)
         self.temperature = None if temperature is None else float(temperature)
         self.batch_size = int(batch_size)
         self._max_gen_toks = int(max_gen_toks)
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         self.seed = int(seed)
         self.mask_id = self.model.config.mask_token_id
+        # (scored tokens, continuation) -> (log-probability, greedy): scores do not depend on the mode.
+        self._scores: dict[tuple, tuple[float, bool]] = {}
+        self._reset_generations()
+
+    def _set_mode(self, mode: str, block_length: int | None, threshold: float | None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "ar" and (block_length is not None or threshold is not None):
+            raise ValueError("block_length and threshold do not apply to mode=ar")
+        if mode == "self_spec_fused" and threshold is not None:
+            raise ValueError("threshold does not apply to self_spec_fused (its drafts come from one pass)")
+        self.mode = mode
+        self.block_length = None if block_length is None else int(block_length)
+        self.threshold = None if threshold is None else float(threshold)
+
+    def _reset_generations(self) -> None:
         self.generations: list[RequestRecord] = []
         self.generation_seconds = 0.0
         self.batched_passes = 0
+
+    def with_mode(self, mode: str, block_length: int | None = None, threshold: float | None = None):
+        """The same loaded model decoding in ``mode``, with fresh generation records; it shares this
+        one's loglikelihood scores, so a second mode scores no text again."""
+        other = copy.copy(self)
+        other._set_mode(mode, block_length, threshold)
+        other._reset_generations()
+        return other
 
     # ---- the harness's model properties --------------------------------------------------------
 
@@ -179,25 +196,25 @@ class TandemLM(TemplateLM):
         inputs = []
         for _, context, continuation in requests:
             whole = (context + continuation)[-(self.max_length + 1) :]
-            inputs.append((whole[:-1], continuation))
-        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
-        results: list[tuple[float, bool] | None] = [None] * len(inputs)
-        bar = tqdm(total=len(inputs), disable=disable_tqdm, desc="loglikelihood (tandem)")
+            inputs.append((tuple(whole[:-1]), tuple(continuation)))
+        results: list[tuple[float, bool] | None] = [self._scores.get(key) for key in inputs]
+        order = sorted((i for i, r in enumerate(results) if r is None), key=lambda i: -len(inputs[i][0]))
+        bar = tqdm(total=len(order), disable=disable_tqdm, desc="loglikelihood (tandem)")
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             rows = self.causal_log_probs([inputs[i][0] for i in chunk])
             for i, log_probs in zip(chunk, rows, strict=True):
                 continuation = inputs[i][1]
                 scored = log_probs[-len(continuation) :]  # [C, V]
-                target = torch.tensor(continuation, device=scored.device)
+                target = torch.tensor(list(continuation), device=scored.device)
                 total = float(scored.gather(-1, target[:, None]).sum())
                 greedy = bool((scored.argmax(-1) == target).all())
-                results[i] = (total, greedy)
-                key = requests[i][0]
-                if key is not None:
-                    self.cache_hook.add_partial("loglikelihood", key, results[i])
+                results[i] = self._scores[inputs[i]] = (total, greedy)
             bar.update(len(chunk))
         bar.close()
+        for (key, _, _), result in zip(requests, results, strict=True):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, result)
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -56,6 +56,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--set", nargs="*", default=[], help="overrides of that config, e.g. logging.eval_iters=4"
     )
     parser.add_argument("--out", default="eval", help="folder for the results")
+    parser.add_argument("--log-samples", action="store_true", help="keep every document's responses")
     return parser.parse_args(argv)
 
 
@@ -114,21 +115,24 @@ def main(argv: list[str]) -> int:
     tasks = TaskManager(include_path=str(Path(args.tasks_dir).resolve()), include_defaults=not offline)
     rows = []
     try:
-        lm = evaluation.Tandem(**model_args(args, args.mode[0], args.model))
+        first = evaluation.Tandem(**model_args(args, args.mode[0], args.model))
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    pretrained = lm.pretrained  # the export (made once when --model is a checkpoint)
-    for i, mode in enumerate(args.mode):
-        if i > 0:
-            lm = evaluation.Tandem(**model_args(args, mode, pretrained))
+    pretrained = first.pretrained  # the export (made once when --model is a checkpoint)
+    for mode in args.mode:
+        # One loaded model for every mode; loglikelihood tasks are scored once (they do not depend on it).
+        options = {
+            k: v for k, v in model_args(args, mode, pretrained).items() if k in ("block_length", "threshold")
+        }
+        lm = first.with_mode(mode, **options)
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=args.tasks,
             task_manager=tasks,
             limit=args.limit,
             num_fewshot=args.num_fewshot,
-            log_samples=False,
+            log_samples=args.log_samples,
         )
         summary = lm.generation_summary()
         results["tandem"] = {
