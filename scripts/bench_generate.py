@@ -2,7 +2,7 @@
 
     python scripts/bench_generate.py --model exports/quickstart [--prompts 12] [--max-new-tokens 64]
     python scripts/bench_generate.py --model exports/records_demo --prompt-set records [--prompts 16]
-        [--compare-stock] [--profile self_spec] [--json bench.json]
+        [--modes ar,self_spec] [--compare-stock] [--profile self_spec] [--json bench.json]
 
 Prompt sets (always the first N, never a selection), each prompt encoded as ``tokenizer(text)`` like
 the CLI (``encode_prompt``):
@@ -29,7 +29,8 @@ Then batch scaling: tokens/s of each mode at ``--batch-sizes`` (left-padded prom
 decoder; the same first N prompts at every size, N the largest size), and whether each row equals its
 batch-1 output. ``--compare-stock`` also decodes greedily with stock ``transformers`` ``generate``
 (the same weights in ``LlamaForCausalLM``, the mask token suppressed as in our decoders) against our
-AR decoding; ``--profile MODE`` writes a torch.profiler table of one decode of the first prompt.
+AR decoding, the two timed in turn on each prompt; ``--profile MODE`` writes a torch.profiler table
+of one decode of the first prompt.
 A PNG of TPF, speed-up and batch scaling goes beside the JSON (or the model folder, or ``--plot``).
 """
 
@@ -210,13 +211,15 @@ def left_padded(prompts: list[Prompt], pad: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def batch_scaling(model, prompts: list[Prompt], sizes: list[int], max_new: int, temperature: float) -> dict:
-    """Per mode and batch size: tokens/s over all ``prompts`` decoded in batches of that size, batched
-    passes, and how many rows equal their batch-1 output."""
+def batch_scaling(
+    model, prompts: list[Prompt], sizes: list[int], max_new: int, temperature: float, modes
+) -> dict:
+    """Per mode of ``modes`` and batch size: tokens/s over all ``prompts`` decoded in batches of that
+    size, batched passes, and how many rows equal their output in the smallest batch."""
     pad = getattr(model.config, "pad_token_id", None)
     pad = pad if pad is not None else 0
     table: dict[str, dict[int, dict]] = {}
-    for mode, options in BATCH_MODES.items():
+    for mode, options in ((m, o) for m, o in BATCH_MODES.items() if m in modes):
         generate = getattr(model, MODES[mode])
         table[mode] = {}
         for size in sizes:
@@ -291,8 +294,10 @@ def llama_from_export(model):
     return reference.eval(), None
 
 
-def stock_row(model, prompts: list[Prompt], max_new: int, repeats: int) -> dict:
-    """Greedy stock ``generate`` on the same weights, batch 1, timed like ``measure``."""
+def stock_row(model, tokenizer, prompts: list[Prompt], max_new: int, repeats: int) -> dict:
+    """Greedy stock ``generate`` on the same weights against our AR decoding, batch 1: the two are
+    timed in turn on each prompt (ours, then stock), so that both meet the same machine load; per
+    decoder the median over ``repeats`` of the total."""
     reference, why = llama_from_export(model)
     if reference is None:
         return {"skipped": why}
@@ -305,19 +310,30 @@ def stock_row(model, prompts: list[Prompt], max_new: int, repeats: int) -> dict:
         pad_token_id=c.pad_token_id if c.pad_token_id is not None else c.eos_token_id,
     )
     reference.generate(prompts[0].ids, **{**options, "max_new_tokens": min(max_new, 8)})  # warm-up
-    totals, outputs = [], None
+    stock_totals, ours_totals, outputs, ours = [], [], None, None
     for _ in range(repeats):
-        seconds, run = 0.0, []
+        stock_seconds, ours_seconds, run, ours_run = 0.0, 0.0, [], []
         for p in prompts:
+            mine = decode(model, tokenizer, p.ids, "ar", max_new)
+            ours_seconds += mine.seconds
+            ours_run.append(mine.ids)
             start = time.perf_counter()
             out = reference.generate(p.ids, attention_mask=torch.ones_like(p.ids), **options)
-            seconds += time.perf_counter() - start
+            stock_seconds += time.perf_counter() - start
             run.append(out[0, p.ids.shape[1] :].tolist())
-        totals.append(seconds)
-        outputs = outputs or run
-    tokens = sum(map(len, outputs))
-    seconds = statistics.median(totals)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "outputs": outputs}
+        stock_totals.append(stock_seconds)
+        ours_totals.append(ours_seconds)
+        outputs, ours = outputs or run, ours or ours_run
+    stock_rate = sum(map(len, outputs)) / statistics.median(stock_totals)
+    ours_rate = sum(map(len, ours)) / statistics.median(ours_totals)
+    return {
+        "tokens": sum(map(len, outputs)),
+        "tokens_per_s": stock_rate,
+        "ours_ar_tokens_per_s": ours_rate,
+        "ar_speed_vs_stock": ours_rate / stock_rate,
+        "prompts_equal_to_ar": sum(o == r for o, r in zip(outputs, ours, strict=True)),
+        "outputs": outputs,
+    }
 
 
 def profile(model, tokenizer, prompt: Prompt, setting: Setting, max_new: int, path: Path) -> str:
@@ -359,6 +375,7 @@ def run_bench(model, tokenizer, args) -> dict:
     rows = {
         s.name: measure(model, tokenizer, prompts, s, n, args.repeats, args.temperature)
         for s in settings(block, args.thresholds, args.draft_steps, args.draft_thresholds, args.block_lengths)
+        if s.mode in args.modes
     }
     ar = rows["ar"]
     compare_to(rows, ar)
@@ -377,7 +394,7 @@ def run_bench(model, tokenizer, args) -> dict:
     speculative = {k: v for k, v in rows.items() if v["mode"].startswith("self_spec")}
     if args.temperature > 0:
         print("sampled: self-speculation keeps AR's distribution, not its outputs (no equality check)")
-    else:
+    elif speculative:
         lossless = all(v["prompts_equal_to_ar"] == len(prompts) for v in speculative.values())
         result["self_spec_equals_ar"] = lossless
         verdict = "yes" if lossless else "NO"
@@ -386,21 +403,19 @@ def run_bench(model, tokenizer, args) -> dict:
     sizes = sorted(set(args.batch_sizes))
     if sizes:
         batch_prompts = prompt_set(sizes[-1])
-        result["batch"] = batch_scaling(model, batch_prompts, sizes, n, args.temperature)
+        result["batch"] = batch_scaling(model, batch_prompts, sizes, n, args.temperature, args.modes)
         _print_batch(result["batch"], sizes, len(batch_prompts))
     if args.compare_stock:
-        stock = stock_row(model, prompts, n, args.repeats)
+        stock = stock_row(model, tokenizer, prompts, n, args.repeats)
         result["stock"] = stock
         if "skipped" in stock:
             print(f"stock transformers: skipped ({stock['skipped']})")
         else:
-            equal = sum(o == r for o, r in zip(stock["outputs"], ar["outputs"], strict=True))
-            stock["prompts_equal_to_ar"] = equal
-            stock["ar_speed_vs_stock"] = ar["tokens_per_s"] / stock["tokens_per_s"]
             print(
-                f"stock transformers generate (LlamaForCausalLM, greedy, batch 1): "
-                f"{stock['tokens_per_s']:.1f} tok/s; our AR {ar['tokens_per_s']:.1f} tok/s = "
-                f"{stock['ar_speed_vs_stock']:.2f}x stock; outputs equal on {equal}/{len(prompts)} prompts"
+                f"stock transformers generate (LlamaForCausalLM, greedy, batch 1, timed in turn with ours): "
+                f"{stock['tokens_per_s']:.1f} tok/s; our AR {stock['ours_ar_tokens_per_s']:.1f} tok/s = "
+                f"{stock['ar_speed_vs_stock']:.2f}x stock; outputs equal on "
+                f"{stock['prompts_equal_to_ar']}/{len(prompts)} prompts"
             )
     plot = Path(args.plot) if args.plot else _beside(args)
     if args.profile:
@@ -442,6 +457,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per setting (median)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampled")
     p.add_argument("--compare-stock", action="store_true", help="also time stock transformers generate")
+    p.add_argument(
+        "--modes",
+        type=lambda text: ["ar", *(m for m in text.split(",") if m and m != "ar")],
+        default=list(MODES),
+        help="modes measured, comma-separated (default: all; AR, the reference, always)",
+    )
     p.add_argument("--profile", choices=tuple(MODES), help="write a torch.profiler table of one decode")
     p.add_argument("--plot", help="PNG path (default: beside --json, else <model>/bench_generate.png)")
     p.add_argument("--json", help="also write all figures to this JSON file")
@@ -453,6 +474,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.prompts < 1 or args.repeats < 1 or any(b < 1 for b in args.batch_sizes):
         p.error("--prompts, --repeats and every --batch-sizes value must be >= 1")
+    if unknown := [m for m in args.modes if m not in MODES]:
+        p.error(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
     torch.set_grad_enabled(False)
     model, tokenizer = load_export(args.model)
     block = model.config.block_size

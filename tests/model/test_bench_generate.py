@@ -132,3 +132,10 @@ def test_records_prompts_are_encoded_as_the_tokenizer_does_with_the_document_sta
         assert document.startswith(prompt.text) and prompt.text.count("\n") == 2
         assert prompt.ids[0, 0] == info.eod_id
         assert prompt.ids[0, 1:].tolist() == tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+
+
+def test_modes_are_chosen_with_ar_always_kept_as_the_reference():
+    args = bench.parser().parse_args(["--model", "x", "--modes", "self_spec,ar"])
+    assert args.modes == ["ar", "self_spec"]
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "x", "--modes", "beam"])
