@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from model.config import ModelConfig
 from train.config import ObjectiveKind, OnUnreadable
@@ -71,6 +72,9 @@ TOKENIZER = "tokenizer"
 UNREADABLE = "unreadable"
 LOCK = "tandem.lock"
 _NAME = re.compile(r"iter_(\d+)")
+# What a failed save or load raises: torch.distributed.checkpoint's CheckpointException (every rank's
+# error) derives from BaseException, not Exception.
+FAILURES = (Exception, CheckpointException)
 
 
 class CheckpointError(Exception):
@@ -142,10 +146,14 @@ def step_of(path: Path) -> int | None:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -212,6 +220,8 @@ def _all_ok(ok: bool) -> bool:
 
 
 def _one_line(err: BaseException) -> str:
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]  # the first rank's own error, not every traceback
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:600]}" if text else type(err).__name__
 
@@ -455,7 +465,7 @@ def save(
     sharded["train_state"] = asdict(state)
     try:
         dist_checkpointing.save(sharded, str(tmp))
-    except Exception as err:  # a worker's OSError (disk full) arrives wrapped in megatron's exceptions
+    except FAILURES as err:  # a writer's OSError (disk full) arrives wrapped in a CheckpointException
         error = err
     _agree(error, "writing the shards", final, tmp)
     names = None
@@ -675,7 +685,7 @@ def _load_intact(
     legacy = from_rank0(lambda: _legacy(folder))
     try:
         state, failure = _load_folder(folder, models, optimizer, weights_only), None
-    except Exception as err:
+    except FAILURES as err:
         state, failure = None, _one_line(err)
     failures = [f for f in _gather(failure) if f]
     if not failures:
