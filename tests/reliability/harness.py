@@ -1,0 +1,698 @@
+"""Fault injection on the real trainer, many starts per Python process.
+
+``python -m tests.reliability.harness PART WORKDIR REPORT`` imports the trainer once, then runs each
+trainer start of PART in a forked child that calls ``train.__main__.main()`` exactly as
+``python -m train`` does (Hydra, the one-line errors, the exit code), only without paying for the
+imports again. The parent watches each child against a deadline (a child past it counts as a hang and
+is killed) and writes what it saw to REPORT (JSON) for ``test_faults.py`` to judge.
+
+Crashes are injected inside the child by wrappers around the file-system calls a save makes in the
+trainer process (``open`` for writing, ``os.fsync``, ``os.replace``/``rename``, ``os.mkdir``,
+``os.unlink``, ``shutil.rmtree``, ``shutil.copytree``): the trial kills its whole process group with
+SIGKILL just before the k-th such call, k drawn from a seeded generator over every call of every save
+of the run, so that each window of a save is reachable (before the rename of ``iter_N.tmp``, between
+it and the ``latest`` update, inside ``latest``'s own temp-file-and-rename). Other trials kill at a
+seeded delay into a save instead, while megatron's writer processes are writing the shards (no
+file-system call of the trainer process happens then). A disk-full fault is the same wrapper raising
+``ENOSPC`` from the writes of one chosen file of a save after a seeded number of bytes.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+# The trainer tests' small model and batch (a later override of the same key wins).
+from tests.train.test_trainer import SMALL
+
+DEADLINE_S = 60.0
+EVENTS = "events.log"  # what a child did, one line per event, written unbuffered (it may be killed)
+
+
+# ---- children ------------------------------------------------------------------------------------
+
+
+def start(argv: list[str], log: Path, env: dict[str, str] | None = None, hook=None) -> int:
+    """Fork a trainer start on ``argv`` (its own process group, output to ``log``); returns its pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 97
+    try:
+        os.setpgid(0, 0)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.environ.update(env or {})
+        sys.argv = ["train", *argv]
+        if hook is not None:
+            hook()
+        from train.__main__ import main
+
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        _report_leftovers()
+    except BaseException:
+        traceback.print_exc()
+        code = 98
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _report_leftovers() -> None:
+    """What would keep a process from exiting, or leave peers waiting: printed for the parent."""
+    import torch.distributed as dist
+
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if threads:
+        print(f"LEFTOVER non-daemon threads: {threads}", file=sys.stderr)
+    if dist.is_initialized():
+        print("LEFTOVER process group still initialised", file=sys.stderr)
+
+
+def wait(pids: list[int], deadline_s: float = DEADLINE_S) -> tuple[list[int | None], float]:
+    """Exit codes of ``pids`` (None: still running at the deadline, then killed) and the seconds taken."""
+    began, codes = time.monotonic(), {}
+    while len(codes) < len(pids) and time.monotonic() - began < deadline_s:
+        for pid in pids:
+            if pid not in codes:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    codes[pid] = os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    for pid in pids:
+        if pid not in codes:
+            kill_group(pid)
+            os.waitpid(pid, 0)
+    return [codes.get(pid) for pid in pids], time.monotonic() - began
+
+
+def kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def run_dir_args(run_dir: Path, *overrides: str) -> list[str]:
+    return [*SMALL, f"run_dir={run_dir}", *overrides]
+
+
+def world_env(rank: int, size: int, port: int) -> dict[str, str]:
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(size),
+        "LOCAL_WORLD_SIZE": str(size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
+def free_port() -> int:
+    from tests.conftest import free_port as port
+
+    return port()
+
+
+def outcome(log: Path, code: int | None, seconds: float) -> dict:
+    text = log.read_text(errors="replace")
+    return {
+        "code": code,
+        "seconds": round(seconds, 2),
+        "traceback": "Traceback" in text,
+        "leftovers": [line for line in text.splitlines() if line.startswith("LEFTOVER")],
+        "errors": [line for line in text.splitlines() if _is_error_line(line)],
+        "tail": text[-1500:],
+    }
+
+
+def _is_error_line(line: str) -> bool:
+    head = line.split(": ", 2)
+    names = head[1:2] if line.startswith("rank ") else head[:1]
+    return bool(names) and (
+        names[0].endswith(("Error", "Unreadable", "Mismatch", "Locked")) or "error" in names[0]
+    )
+
+
+def record_results(path: Path):
+    """A hook: the child writes its RunResult (step reached, per-step losses) to ``path``."""
+
+    def hook():
+        import train.loop
+
+        original = train.loop.run
+
+        def run(cfg):
+            result = original(cfg)
+            first = result.step - len(result.train_losses) + 1
+            losses = {str(first + i): v for i, v in enumerate(result.train_losses)}
+            path.write_text(json.dumps({"step": result.step, "losses": losses}))
+            return result
+
+        train.loop.run = run
+
+    return hook
+
+
+# ---- file-system faults inside a child -----------------------------------------------------------
+
+
+class _Faults:
+    """Wraps the file-system calls of the trainer process while a save runs; ``action(event)`` is
+    called before each, numbered over the whole run. Writer processes megatron forks inherit the
+    wrappers but act only for ``ENOSPC`` faults (``on_write``)."""
+
+    def __init__(self, log: Path, action=None, on_write=None):
+        self.log = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.action, self.on_write = action, on_write
+        self.owner, self.in_save, self.count = os.getpid(), False, 0
+
+    def note(self, text: str) -> None:
+        os.write(self.log, (text + "\n").encode())
+
+    def event(self, kind: str, path) -> None:
+        if os.getpid() != self.owner or not self.in_save:
+            return
+        self.count += 1
+        self.note(f"event {self.count} {kind} {path}")
+        if self.action is not None:
+            self.action(self.count)
+
+    def install(self) -> None:
+        import train.checkpoint as ckpt
+
+        faults = self
+
+        def wrap(module, name, kind, path_arg=0):
+            original = getattr(module, name)
+
+            def wrapper(*args, **kwargs):
+                path = args[path_arg] if len(args) > path_arg else kwargs.get("file", "")
+                faults.event(kind, path)
+                return original(*args, **kwargs)
+
+            setattr(module, name, wrapper)
+
+        for name in ("replace", "rename", "mkdir", "unlink", "fsync"):
+            wrap(os, name, name)
+        for name in ("rmtree", "copytree"):
+            wrap(shutil, name, name)
+        original_open = builtins.open
+
+        def open_(file, mode="r", *args, **kwargs):
+            writing = any(c in mode for c in "wax+")
+            if writing:
+                faults.event("open", file)
+            handle = original_open(file, mode, *args, **kwargs)
+            if writing and faults.on_write is not None:
+                budget = faults.on_write(str(file))
+                if budget is not None:
+                    return _FullDisk(handle, budget)
+            return handle
+
+        builtins.open = io.open = open_
+        original_save = ckpt.save
+
+        def save(root, models, optimizer, state, *args, **kwargs):
+            faults.in_save = True
+            faults.note(f"save {state.step} begins")
+            try:
+                folder = original_save(root, models, optimizer, state, *args, **kwargs)
+            finally:
+                faults.in_save = False
+            faults.note(f"save {state.step} done")
+            return folder
+
+        ckpt.save = save
+
+
+class _FullDisk:
+    """A writable file that runs out of space after ``budget`` bytes."""
+
+    def __init__(self, handle, budget: int):
+        self._handle, self._left = handle, budget
+
+    def write(self, data):
+        if len(data) > self._left:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        self._left -= len(data)
+        return self._handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
+
+
+def kill_before_event(events: Path, k: int):
+    def hook():
+        def action(count):
+            if count == k:
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+
+        _Faults(events, action).install()
+
+    return hook
+
+
+def kill_during_shards(events: Path, save_index: int, delay_s: float):
+    """SIGKILL ``delay_s`` after the shards of the ``save_index``-th save start (writers at work)."""
+
+    def hook():
+        import megatron.core.dist_checkpointing as dc
+
+        faults = _Faults(events)
+        faults.install()
+        original, seen = dc.save, [0]
+
+        def save(*args, **kwargs):
+            seen[0] += 1
+            if seen[0] == save_index:
+                faults.note(f"shards of save {save_index}: kill in {delay_s:.3f} s")
+                threading.Timer(delay_s, os.killpg, args=(os.getpgid(0), signal.SIGKILL)).start()
+            return original(*args, **kwargs)
+
+        dc.save = save
+
+    return hook
+
+
+def disk_full(events: Path, from_save: int, target: str, budget: int):
+    """Writes to files whose name ends with ``target`` fail with ENOSPC after ``budget`` bytes, from
+    the ``from_save``-th save on."""
+
+    def hook():
+        import train.checkpoint as ckpt
+
+        saves = [0]
+        faults = _Faults(
+            events, on_write=lambda p: budget if saves[0] >= from_save and p.endswith(target) else None
+        )
+        original = ckpt.save
+
+        def counted(*args, **kwargs):
+            saves[0] += 1
+            return original(*args, **kwargs)
+
+        ckpt.save = counted
+        faults.install()
+
+    return hook
+
+
+# ---- parts ---------------------------------------------------------------------------------------
+
+STEPS = 3
+CRASH_RUN = ("steps=3", "checkpoint.interval=1", "checkpoint.keep=2")
+
+
+def reference(work: Path) -> dict:
+    """An uninterrupted run with every event of its saves logged: the losses and the event count."""
+    run_dir, events = work / "reference", work / "reference.events"
+    result = work / "reference.json"
+
+    def hook():
+        record_results(result)()
+        _Faults(events).install()
+
+    code, seconds = wait([start(run_dir_args(run_dir, *CRASH_RUN), work / "reference.log", hook=hook)])
+    assert code == [0], (work / "reference.log").read_text()[-3000:]
+    lines = events.read_text().splitlines()
+    return {
+        "losses": json.loads(result.read_text())["losses"],
+        "events": sum(line.startswith("event ") for line in lines),
+        "kinds": [line.split()[2] for line in lines if line.startswith("event ")],
+        "seconds": seconds,
+    }
+
+
+def _newest_complete(checkpoints: Path) -> int:
+    import train.checkpoint as ckpt
+
+    steps = [ckpt.step_of(f) for f in ckpt.candidates(checkpoints) if ckpt.verify(f, checksums=True) is None]
+    return max(steps, default=0)
+
+
+def _resumed_step(log: Path) -> int:
+    for line in log.read_text(errors="replace").splitlines():
+        if "resumed from" in line and "iter_" in line:
+            return int(line.split("iter_")[1][:7])
+    return 0
+
+
+def crashes(work: Path, ref: dict, trials: int, seed: int) -> list[dict]:
+    """``trials`` runs killed at seeded points of their saves, each resumed to the end."""
+    rng, found = random.Random(seed), []
+    for trial in range(trials):
+        run_dir, events = work / f"crash{trial}", work / f"crash{trial}.events"
+        if trial % 5 == 4:
+            save_index, delay = rng.randint(1, STEPS), rng.uniform(0.0, 0.4)
+            how, hook = (
+                f"{delay:.3f} s into the shards of save {save_index}",
+                kill_during_shards(events, save_index, delay),
+            )
+        else:
+            k = rng.randint(1, ref["events"])
+            how, hook = f"before event {k} ({ref['kinds'][k - 1]})", kill_before_event(events, k)
+        (code,), _ = wait([start(run_dir_args(run_dir, *CRASH_RUN), work / f"crash{trial}.log", hook=hook)])
+        lines = events.read_text().splitlines() if events.exists() else []
+        returned = [
+            int(line.split()[1]) for line in lines if line.startswith("save ") and line.endswith("done")
+        ]
+        complete = _newest_complete(run_dir / "checkpoints")
+        result, log = work / f"crash{trial}.json", work / f"resume{trial}.log"
+        (resumed_code,), seconds = wait(
+            [start(run_dir_args(run_dir, *CRASH_RUN), log, hook=record_results(result))]
+        )
+        losses = json.loads(result.read_text())["losses"] if result.exists() else {}
+        found.append(
+            {
+                "how": how,
+                "killed": code == -signal.SIGKILL,
+                "last_event": next((line for line in reversed(lines) if line.startswith("event")), ""),
+                "saves_returned": max(returned, default=0),
+                "newest_complete": complete,
+                "resumed_from": _resumed_step(log),
+                "resume": outcome(log, resumed_code, seconds),
+                "took_over_lock": "taking over" in log.read_text(errors="replace"),
+                "compared_steps": sorted(losses, key=int),
+                "exact": bool(result.exists()) and all(losses[s] == ref["losses"][s] for s in losses),
+            }
+        )
+    return found
+
+
+# ---- failing starts ------------------------------------------------------------------------------
+
+
+def _overwrite(path: Path, data: bytes | None = None, keep: float | None = None) -> None:
+    """Same-size garbage (``data`` None), a truncation to ``keep`` of its size, or ``data``."""
+    size = path.stat().st_size
+    if keep is not None:
+        with open(path, "r+b") as f:
+            f.truncate(int(size * keep))
+        return
+    path.write_bytes(os.urandom(size) if data is None else data)
+
+
+def _data_copy(demo: Path, work: Path, name: str) -> Path:
+    copy = work / f"data_{name}"
+    shutil.copytree(demo, copy, copy_function=os.link, ignore=shutil.ignore_patterns("cache"))
+    return copy
+
+
+def _unlink_copy(path: Path) -> Path:
+    """Replace a hard link by its own copy, so damaging it leaves the original alone."""
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data)
+    return path
+
+
+def _damage_data(name: str, copy: Path) -> None:
+    wiki = {ext: _unlink_copy(copy / f"wiki_train{ext}") for ext in (".bin", ".idx", ".json")}
+    if name == "bin_truncated":
+        _overwrite(wiki[".bin"], keep=0.5)
+    elif name == "idx_truncated":
+        _overwrite(wiki[".idx"], keep=0.7)
+    elif name == "idx_garbage":
+        _overwrite(wiki[".idx"])
+    elif name == "json_garbage":
+        _overwrite(wiki[".json"])
+    elif name == "bin_garbage":
+        _overwrite(wiki[".bin"])
+    elif name == "bin_swapped":
+        other = _unlink_copy(copy / "shakespeare_train.bin")
+        a, b = wiki[".bin"].read_bytes(), other.read_bytes()
+        wiki[".bin"].write_bytes(b)
+        other.write_bytes(a)
+
+
+DATA_CASES = ["bin_truncated", "idx_truncated", "idx_garbage", "json_garbage", "bin_garbage", "bin_swapped"]
+# name -> (what to damage in the newest checkpoint iter_3 or the folder, extra overrides)
+CHECKPOINT_CASES = {
+    "latest_garbage": ("latest", "garbage", []),
+    "latest_empty": ("latest", "empty", []),
+    "latest_missing_folder": ("latest", "iter_0000009", []),
+    "metadata_garbage": (".metadata", "garbage", []),
+    "manifest_garbage": ("tandem.json", "garbage", []),
+    "shard_truncated": ("__0_0.distcp", "truncate", []),
+    "shard_garbage": ("__0_1.distcp", "garbage", []),
+    "common_garbage": ("common.pt", "garbage", []),
+    "config_garbage": ("config.yaml", "garbage", []),
+    "previous_fallback": ("__0_0.distcp", "truncate", ["checkpoint.on_unreadable=previous"]),
+    "all_damaged_previous": ("both", "truncate", ["checkpoint.on_unreadable=previous"]),
+    "all_damaged_fresh": ("both", "truncate", ["checkpoint.on_unreadable=fresh"]),
+    "other_shapes": (None, None, ["model.num_layers=3"]),
+    "other_objective": (None, None, ["objective=ar"]),
+}
+CONFIG_CASES = {
+    "bad_key": ["model.num_layer=3"],
+    "bad_type": ["steps=many"],
+    "bad_value": ["checkpoint.on_unreadable=maybe"],
+}
+
+
+def _damage_checkpoint(folder: Path, what: str | None, how: str | None) -> None:
+    checkpoints = folder / "checkpoints"
+    if what == "latest":
+        data = {"garbage": os.urandom(40), "empty": b""}.get(how, how.encode() if how else b"")
+        (checkpoints / "latest").write_bytes(data)
+    elif what == "both":
+        for step in (2, 3):
+            _overwrite(checkpoints / f"iter_{step:07d}" / "__0_0.distcp", keep=0.5)
+    elif what is not None:
+        _overwrite(checkpoints / "iter_0000003" / what, keep=0.5 if how == "truncate" else None)
+
+
+def failing_starts(work: Path, demo: Path, ref_run: Path, nproc: int, names: list[str] | None) -> dict:
+    """Each bad config, data and checkpoint case started on ``nproc`` ranks (forked, gloo)."""
+    found = {}
+    cases = [*CONFIG_CASES, *DATA_CASES, *CHECKPOINT_CASES]
+    for name in names or cases:
+        folder = work / f"start{nproc}_{name}"
+        overrides, env = ["steps=4", "checkpoint.interval=1", "checkpoint.keep=2"], {}
+        if name in CONFIG_CASES:
+            overrides += CONFIG_CASES[name]
+        elif name in DATA_CASES:
+            copy = _data_copy(demo, work, f"{nproc}_{name}")
+            _damage_data(name, copy)
+            env["TANDEM_DATA"] = str(copy)
+        else:
+            shutil.copytree(ref_run, folder)
+            what, how, extra = CHECKPOINT_CASES[name]
+            _damage_checkpoint(folder, what, how)
+            overrides += extra
+        port, logs = free_port(), [work / f"start{nproc}_{name}.{rank}.log" for rank in range(nproc)]
+        pids = [
+            start(
+                run_dir_args(folder, *overrides),
+                logs[rank],
+                env={**env, **(world_env(rank, nproc, port) if nproc > 1 else {})},
+            )
+            for rank in range(nproc)
+        ]
+        codes, seconds = wait(pids)
+        found[name] = [outcome(log, code, seconds) for log, code in zip(logs, codes, strict=True)]
+        checkpoints = folder / "checkpoints"
+        found[name][0]["folders"] = (
+            sorted(p.name for p in checkpoints.iterdir()) if checkpoints.is_dir() else []
+        )
+        aside = checkpoints / "unreadable"
+        found[name][0]["unreadable"] = sorted(p.name for p in aside.iterdir()) if aside.is_dir() else []
+        found[name][0]["resumed_from"] = _resumed_step(logs[0])
+    return found
+
+
+def fail_on_rank_1() -> None:
+    """A hook: rank 1's data check fails (as on a node that cannot read a prefix); the others pass."""
+    if os.environ.get("RANK") == "1":
+        import train.loop
+        from data.metadata import DataError
+
+        def check_data(*args, **kwargs):
+            raise DataError("injected on rank 1 only: a prefix this node cannot read")
+
+        train.loop.check_data = check_data
+
+
+def one_rank_fails(work: Path) -> list[dict]:
+    """Rank 1 of 2 fails its data check while rank 0 goes on into the first collectives."""
+    port, logs = free_port(), [work / f"one_rank_fails.{rank}.log" for rank in range(2)]
+    args = run_dir_args(work / "one_rank_fails", "steps=2")
+    pids = [start(args, logs[r], env=world_env(r, 2, port), hook=fail_on_rank_1) for r in range(2)]
+    codes, seconds = wait(pids)
+    return [outcome(log, code, seconds) for log, code in zip(logs, codes, strict=True)]
+
+
+def _wait_for(condition, seconds: float = DEADLINE_S) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _train_lines(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def two_trainers(work: Path) -> dict:
+    """A second trainer on a live run's folder, then a third after the first was killed."""
+    run_dir = work / "shared_run"
+    first = start(run_dir_args(run_dir, "steps=1000", "checkpoint.interval=0"), work / "first.log")
+    started = _wait_for(lambda: _train_lines(run_dir) >= 1)
+    config_before = (run_dir / "config.yaml").stat().st_mtime_ns if started else None
+    (second_code,), second_s = wait([start(run_dir_args(run_dir, "steps=3"), work / "second.log")])
+    config_after = (run_dir / "config.yaml").stat().st_mtime_ns if started else None
+    kill_group(first)
+    os.waitpid(first, 0)
+    (third_code,), third_s = wait([start(run_dir_args(run_dir, "steps=1"), work / "third.log")])
+    return {
+        "first_pid": first,
+        "started": started,
+        "second": outcome(work / "second.log", second_code, second_s),
+        "second_left_config_alone": config_before == config_after,
+        "third": outcome(work / "third.log", third_code, third_s),
+        "third_took_over": "taking over" in (work / "third.log").read_text(),
+        "lock_left": (run_dir / "tandem.lock").exists(),
+    }
+
+
+def interrupts(work: Path) -> dict:
+    """Ctrl-C once (save, exit 0) and twice (exit 130 at once), each after a few steps."""
+    found = {}
+    for name, count in (("once", 1), ("twice", 2)):
+        run_dir = work / f"sigint_{name}"
+        pid = start(run_dir_args(run_dir, "steps=1000", "checkpoint.interval=0"), work / f"sigint_{name}.log")
+        _wait_for(lambda r=run_dir: _train_lines(r) >= 2)
+        for _ in range(count):
+            os.kill(pid, signal.SIGINT)
+            time.sleep(0.05)
+        (code,), seconds = wait([pid])
+        found[name] = outcome(work / f"sigint_{name}.log", code, seconds)
+        checkpoints = run_dir / "checkpoints"
+        found[name]["folders"] = sorted(p.name for p in checkpoints.iterdir()) if checkpoints.is_dir() else []
+        found[name]["lock_left"] = (run_dir / "tandem.lock").exists()
+    return found
+
+
+# Files a save writes: megatron's writer processes (the shards), its own process and Tandem's.
+FULL_DISK_TARGETS = [
+    "__0_0.distcp",
+    "__0_1.distcp",
+    ".metadata.tmp",
+    "metadata.json",
+    "config.yaml",
+    "tandem.json.tmp",
+    "latest.tmp",
+]
+
+
+def full_disks(work: Path, ref: dict, trials: int, seed: int) -> list[dict]:
+    """The disk fills up during the second save, in a seeded file after a seeded number of bytes."""
+    rng, found = random.Random(seed), []
+    for trial in range(trials):
+        target = FULL_DISK_TARGETS[trial % len(FULL_DISK_TARGETS)]
+        budget = rng.choice([0, rng.randint(1, 100)])  # every file of a save is larger
+        run_dir = work / f"full{trial}"
+        hook = disk_full(work / f"full{trial}.events", 2, target, budget)
+        (code,), seconds = wait(
+            [start(run_dir_args(run_dir, *CRASH_RUN), work / f"full{trial}.log", hook=hook)]
+        )
+        checkpoints = run_dir / "checkpoints"
+        row = {
+            "target": target,
+            "budget": budget,
+            "run": outcome(work / f"full{trial}.log", code, seconds),
+            "folders": sorted(p.name for p in checkpoints.iterdir()),
+            "newest_complete": _newest_complete(checkpoints),
+            "latest": (checkpoints / "latest").read_text() if (checkpoints / "latest").exists() else None,
+        }
+        if trial == 0:  # the checkpoint left behind resumes, and exactly
+            result, log = work / "full_resume.json", work / "full_resume.log"
+            (resumed,), seconds = wait(
+                [start(run_dir_args(run_dir, *CRASH_RUN), log, hook=record_results(result))]
+            )
+            losses = json.loads(result.read_text())["losses"] if result.exists() else {}
+            row["resume"] = outcome(log, resumed, seconds)
+            row["resumed_from"] = _resumed_step(log)
+            row["exact"] = bool(losses) and all(losses[s] == ref["losses"][s] for s in losses)
+        found.append(row)
+    return found
+
+
+PARTS = ("crashes", "starts1", "starts2", "one_rank_fails", "two_trainers", "interrupts", "full_disks")
+# The cases worth a second rank: each kind of failure, where one rank could wait for another.
+TWO_RANK_CASES = [
+    "bad_key",
+    "bin_truncated",
+    "json_garbage",
+    "latest_missing_folder",
+    "shard_garbage",
+    "metadata_garbage",
+    "other_shapes",
+    "all_damaged_previous",
+]
+
+
+def main(argv: list[str]) -> int:
+    part, work, report = argv[0], Path(argv[1]), Path(argv[2])
+    work.mkdir(parents=True, exist_ok=True)
+    # The imports every child shares (the trainer, the tokenizer's transformers, the loss plot's pyplot).
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot  # noqa: F401
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+
+    import train.loop  # noqa: F401
+
+    demo, seed = Path(os.environ["TANDEM_DATA"]), int(os.environ.get("TANDEM_FAULT_SEED", "0"))
+    trials = int(os.environ.get("TANDEM_CRASH_TRIALS", "20"))
+    ref = reference(work)
+    out: dict = {"reference": ref, "seed": seed}
+    parts = PARTS if part == "all" else part.split(",")
+    for name in parts:
+        began = time.monotonic()
+        if name == "crashes":
+            out[name] = crashes(work, ref, trials, seed)
+        elif name == "starts1":
+            out[name] = failing_starts(work, demo, work / "reference", 1, None)
+        elif name == "starts2":
+            out[name] = failing_starts(work, demo, work / "reference", 2, TWO_RANK_CASES)
+        elif name == "one_rank_fails":
+            out[name] = one_rank_fails(work)
+        elif name == "two_trainers":
+            out[name] = two_trainers(work)
+        elif name == "interrupts":
+            out[name] = interrupts(work)
+        elif name == "full_disks":
+            out[name] = full_disks(work, ref, len(FULL_DISK_TARGETS), seed)
+        out[f"{name}_seconds"] = round(time.monotonic() - began, 1)
+        report.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
