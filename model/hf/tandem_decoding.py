@@ -288,7 +288,10 @@ def decode_batch(
                 f"the sampling generator is on {g.device} but the model is on {device}; create it "
                 "there: torch.Generator(device=model.device)"
             )
-    capacity = max(map(len, prompts)) + max_new_tokens + decoder.scratch + 2
+    # A row that has finished may keep up to ``scratch`` slots past its budget (drafts kept beyond it are
+    # cut from its output, not from its cache), and every pass still writes the widest request's slots
+    # after every row, finished or not.
+    capacity = max(map(len, prompts)) + max_new_tokens + 2 * decoder.scratch + 2
     cache = KVCache(len(prompts), capacity)
     rows = [
         Row(b, cache, max_new_tokens, eos, Sampler(mask_id, temperature, generators[b]), device, stop)

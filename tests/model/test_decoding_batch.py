@@ -182,3 +182,28 @@ def test_rejection_sampling_accepts_more_drafts_than_exact_match(small_vocab_mod
         small_vocab_model, "linear_spec_generate", prompt, 1.0, block_length=2, verification="exact"
     )
     assert sum(rejection) / len(rejection) > sum(exact) / len(exact)
+
+
+def test_a_row_done_past_its_budget_leaves_the_others_room_to_draft():
+    """Row 0 keeps a whole block of drafts and finishes past its budget while row 1 (whose drafts are
+    always wrong) still drafts a block per pass: the cache must hold both. A model whose next token is
+    a function of the position (``token``) gives the expected outputs independently."""
+    from model.hf.tandem_decoding import SelfSpeculativeDecoder, decode_batch
+
+    vocab, mask, block = 32, 31, 8
+
+    def token(position: torch.Tensor) -> torch.Tensor:
+        return position % 20 + 1
+
+    def step(batch, cache):
+        masked = batch.tokens == mask  # a draft slot guesses its own token, a causal slot the next one
+        target = torch.where(masked, token(batch.positions), token(batch.positions + 1))
+        wrong = masked & (torch.arange(len(target))[:, None] == 1)
+        target = torch.where(wrong, 30, target)
+        return torch.nn.functional.one_hot(target, vocab).double()
+
+    prompts, budget = [list(range(1, 21)), [1, 2]], 5
+    rows, _ = decode_batch(SelfSpeculativeDecoder(block), step, prompts, budget, mask, eos=set())
+    for row, prompt in zip(rows, prompts, strict=True):
+        assert row.tokens == token(torch.arange(len(prompt), len(prompt) + budget)).tolist()
+    assert rows[0].accepted == [block - 1] and rows[1].accepted == [0] * (budget - 1)
