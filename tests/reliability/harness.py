@@ -32,6 +32,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 # The trainer tests' small model and batch (a later override of the same key wins).
@@ -102,6 +104,48 @@ def wait(pids: list[int], deadline_s: float = DEADLINE_S) -> tuple[list[int | No
             kill_group(pid)
             os.waitpid(pid, 0)
     return [codes.get(pid) for pid in pids], time.monotonic() - began
+
+
+@dataclass
+class Start:
+    """One trainer start: its command line, log file, environment and in-child hook."""
+
+    argv: list[str]
+    log: Path
+    env: dict[str, str] | None = None
+    hook: Callable[[], None] | None = None
+
+
+def run_groups(groups: list[list[Start]], width: int = 2) -> list[tuple[list[int | None], float]]:
+    """Run each group's starts together (the ranks of one world), at most ``width`` processes at a time
+    (the cores), each group against the deadline; (exit codes, seconds) per group, in order."""
+    results: list = [None] * len(groups)
+    queue, running = list(enumerate(groups)), {}
+    while queue or running:
+        busy = sum(len(pids) for pids, _, _ in running.values())
+        while queue and (not running or busy + len(queue[0][1]) <= width):
+            index, group = queue.pop(0)
+            running[index] = ([start(s.argv, s.log, s.env, s.hook) for s in group], time.monotonic(), {})
+            busy += len(group)
+        for index, (pids, began, codes) in list(running.items()):
+            for pid in pids:
+                if pid not in codes:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        codes[pid] = os.waitstatus_to_exitcode(status)
+            if len(codes) == len(pids) or time.monotonic() - began >= DEADLINE_S:
+                for pid in set(pids) - set(codes):
+                    kill_group(pid)
+                    os.waitpid(pid, 0)
+                results[index] = ([codes.get(pid) for pid in pids], time.monotonic() - began)
+                del running[index]
+        time.sleep(0.02)
+    return results
+
+
+def run_one(start_: Start) -> tuple[int | None, float]:
+    ((code,), seconds) = run_groups([[start_]])[0]
+    return code, seconds
 
 
 def kill_group(pid: int) -> None:
@@ -342,6 +386,7 @@ def reference(work: Path) -> dict:
         "losses": json.loads(result.read_text())["losses"],
         "events": sum(line.startswith("event ") for line in lines),
         "kinds": [line.split()[2] for line in lines if line.startswith("event ")],
+        "paths": [line.split(maxsplit=3)[3] for line in lines if line.startswith("event ")],
         "seconds": seconds,
     }
 
@@ -361,11 +406,19 @@ def _resumed_step(log: Path) -> int:
 
 
 def crashes(work: Path, ref: dict, trials: int, seed: int) -> list[dict]:
-    """``trials`` runs killed at seeded points of their saves, each resumed to the end."""
-    rng, found = random.Random(seed), []
+    """``trials`` runs killed at seeded points of their saves, each resumed to the end. The first two
+    are killed in the windows that matter most whatever the seed: just before the rename of the second
+    save's folder, and between that rename and the ``latest`` update."""
+    rng, plans = random.Random(seed), []
+    calls = list(zip(ref["kinds"], ref["paths"], strict=True))
+    rename = calls.index(("replace", str(work / "reference/checkpoints/iter_0000002.tmp"))) + 1
+    windows = [rename, rename + 1]  # before the rename; after it, before latest.tmp is written
     for trial in range(trials):
-        run_dir, events = work / f"crash{trial}", work / f"crash{trial}.events"
-        if trial % 5 == 4:
+        events = work / f"crash{trial}.events"
+        if trial < len(windows):
+            k = windows[trial]
+            how, hook = f"before event {k} ({ref['kinds'][k - 1]})", kill_before_event(events, k)
+        elif trial % 5 == 4:
             save_index, delay = rng.randint(1, STEPS), rng.uniform(0.0, 0.4)
             how, hook = (
                 f"{delay:.3f} s into the shards of save {save_index}",
@@ -374,29 +427,60 @@ def crashes(work: Path, ref: dict, trials: int, seed: int) -> list[dict]:
         else:
             k = rng.randint(1, ref["events"])
             how, hook = f"before event {k} ({ref['kinds'][k - 1]})", kill_before_event(events, k)
-        (code,), _ = wait([start(run_dir_args(run_dir, *CRASH_RUN), work / f"crash{trial}.log", hook=hook)])
+        plans.append(
+            (
+                how,
+                Start(
+                    run_dir_args(work / f"crash{trial}", *CRASH_RUN), work / f"crash{trial}.log", hook=hook
+                ),
+            )
+        )
+    killed = run_groups([[plan] for _, plan in plans])
+    before = []
+    for trial in range(trials):
+        events = work / f"crash{trial}.events"
         lines = events.read_text().splitlines() if events.exists() else []
         returned = [
             int(line.split()[1]) for line in lines if line.startswith("save ") and line.endswith("done")
         ]
-        complete = _newest_complete(run_dir / "checkpoints")
-        result, log = work / f"crash{trial}.json", work / f"resume{trial}.log"
-        (resumed_code,), seconds = wait(
-            [start(run_dir_args(run_dir, *CRASH_RUN), log, hook=record_results(result))]
+        before.append(
+            (lines, max(returned, default=0), _newest_complete(work / f"crash{trial}" / "checkpoints"))
         )
+    results = [work / f"crash{trial}.json" for trial in range(trials)]
+    logs = [work / f"resume{trial}.log" for trial in range(trials)]
+    resumed = run_groups(
+        [
+            [
+                Start(
+                    run_dir_args(work / f"crash{trial}", *CRASH_RUN),
+                    logs[trial],
+                    hook=record_results(results[trial]),
+                )
+            ]
+            for trial in range(trials)
+        ]
+    )
+    found = []
+    for trial in range(trials):
+        (lines, returned, complete), ((code,), _), ((resumed_code,), seconds) = (
+            before[trial],
+            killed[trial],
+            resumed[trial],
+        )
+        result, log = results[trial], logs[trial]
         losses = json.loads(result.read_text())["losses"] if result.exists() else {}
         found.append(
             {
-                "how": how,
+                "how": plans[trial][0],
                 "killed": code == -signal.SIGKILL,
                 "last_event": next((line for line in reversed(lines) if line.startswith("event")), ""),
-                "saves_returned": max(returned, default=0),
+                "saves_returned": returned,
                 "newest_complete": complete,
                 "resumed_from": _resumed_step(log),
                 "resume": outcome(log, resumed_code, seconds),
                 "took_over_lock": "taking over" in log.read_text(errors="replace"),
                 "compared_steps": sorted(losses, key=int),
-                "exact": bool(result.exists()) and all(losses[s] == ref["losses"][s] for s in losses),
+                "exact": result.exists() and all(losses[s] == ref["losses"][s] for s in losses),
             }
         )
     return found
@@ -487,9 +571,8 @@ def _damage_checkpoint(folder: Path, what: str | None, how: str | None) -> None:
 
 def failing_starts(work: Path, demo: Path, ref_run: Path, nproc: int, names: list[str] | None) -> dict:
     """Each bad config, data and checkpoint case started on ``nproc`` ranks (forked, gloo)."""
-    found = {}
-    cases = [*CONFIG_CASES, *DATA_CASES, *CHECKPOINT_CASES]
-    for name in names or cases:
+    cases, groups, logs = names or [*CONFIG_CASES, *DATA_CASES, *CHECKPOINT_CASES], [], {}
+    for name in cases:
         folder = work / f"start{nproc}_{name}"
         overrides, env = ["steps=4", "checkpoint.interval=1", "checkpoint.keep=2"], {}
         if name in CONFIG_CASES:
@@ -503,24 +586,21 @@ def failing_starts(work: Path, demo: Path, ref_run: Path, nproc: int, names: lis
             what, how, extra = CHECKPOINT_CASES[name]
             _damage_checkpoint(folder, what, how)
             overrides += extra
-        port, logs = free_port(), [work / f"start{nproc}_{name}.{rank}.log" for rank in range(nproc)]
-        pids = [
-            start(
-                run_dir_args(folder, *overrides),
-                logs[rank],
-                env={**env, **(world_env(rank, nproc, port) if nproc > 1 else {})},
-            )
-            for rank in range(nproc)
-        ]
-        codes, seconds = wait(pids)
-        found[name] = [outcome(log, code, seconds) for log, code in zip(logs, codes, strict=True)]
-        checkpoints = folder / "checkpoints"
+        port, logs[name] = free_port(), [work / f"start{nproc}_{name}.{rank}.log" for rank in range(nproc)]
+        ranks = [{**env, **(world_env(rank, nproc, port) if nproc > 1 else {})} for rank in range(nproc)]
+        groups.append(
+            [Start(run_dir_args(folder, *overrides), logs[name][r], ranks[r]) for r in range(nproc)]
+        )
+    found = {}
+    for name, (codes, seconds) in zip(cases, run_groups(groups), strict=True):
+        found[name] = [outcome(log, code, seconds) for log, code in zip(logs[name], codes, strict=True)]
+        checkpoints = work / f"start{nproc}_{name}" / "checkpoints"
         found[name][0]["folders"] = (
             sorted(p.name for p in checkpoints.iterdir()) if checkpoints.is_dir() else []
         )
         aside = checkpoints / "unreadable"
         found[name][0]["unreadable"] = sorted(p.name for p in aside.iterdir()) if aside.is_dir() else []
-        found[name][0]["resumed_from"] = _resumed_step(logs[0])
+        found[name][0]["resumed_from"] = _resumed_step(logs[name][0])
     return found
 
 
@@ -611,36 +691,41 @@ FULL_DISK_TARGETS = [
 ]
 
 
-def full_disks(work: Path, ref: dict, trials: int, seed: int) -> list[dict]:
-    """The disk fills up during the second save, in a seeded file after a seeded number of bytes."""
-    rng, found = random.Random(seed), []
-    for trial in range(trials):
-        target = FULL_DISK_TARGETS[trial % len(FULL_DISK_TARGETS)]
-        budget = rng.choice([0, rng.randint(1, 100)])  # every file of a save is larger
-        run_dir = work / f"full{trial}"
-        hook = disk_full(work / f"full{trial}.events", 2, target, budget)
-        (code,), seconds = wait(
-            [start(run_dir_args(run_dir, *CRASH_RUN), work / f"full{trial}.log", hook=hook)]
+def full_disks(work: Path, ref: dict, seed: int) -> list[dict]:
+    """The disk fills up during the second save, in each file of it in turn, after a seeded number of
+    bytes; the first run's checkpoint is then resumed from."""
+    rng = random.Random(seed)
+    budgets = [rng.choice([0, rng.randint(1, 100)]) for _ in FULL_DISK_TARGETS]  # every file is larger
+    runs = run_groups(
+        [
+            [
+                Start(
+                    run_dir_args(work / f"full{t}", *CRASH_RUN),
+                    work / f"full{t}.log",
+                    hook=disk_full(work / f"full{t}.events", 2, target, budgets[t]),
+                )
+            ]
+            for t, target in enumerate(FULL_DISK_TARGETS)
+        ]
+    )
+    found = []
+    for t, ((code,), seconds) in enumerate(runs):
+        checkpoints = work / f"full{t}" / "checkpoints"
+        found.append(
+            {
+                "target": FULL_DISK_TARGETS[t],
+                "budget": budgets[t],
+                "run": outcome(work / f"full{t}.log", code, seconds),
+                "folders": sorted(p.name for p in checkpoints.iterdir()),
+                "newest_complete": _newest_complete(checkpoints),
+            }
         )
-        checkpoints = run_dir / "checkpoints"
-        row = {
-            "target": target,
-            "budget": budget,
-            "run": outcome(work / f"full{trial}.log", code, seconds),
-            "folders": sorted(p.name for p in checkpoints.iterdir()),
-            "newest_complete": _newest_complete(checkpoints),
-            "latest": (checkpoints / "latest").read_text() if (checkpoints / "latest").exists() else None,
-        }
-        if trial == 0:  # the checkpoint left behind resumes, and exactly
-            result, log = work / "full_resume.json", work / "full_resume.log"
-            (resumed,), seconds = wait(
-                [start(run_dir_args(run_dir, *CRASH_RUN), log, hook=record_results(result))]
-            )
-            losses = json.loads(result.read_text())["losses"] if result.exists() else {}
-            row["resume"] = outcome(log, resumed, seconds)
-            row["resumed_from"] = _resumed_step(log)
-            row["exact"] = bool(losses) and all(losses[s] == ref["losses"][s] for s in losses)
-        found.append(row)
+    result, log = work / "full_resume.json", work / "full_resume.log"
+    code, seconds = run_one(Start(run_dir_args(work / "full0", *CRASH_RUN), log, hook=record_results(result)))
+    losses = json.loads(result.read_text())["losses"] if result.exists() else {}
+    found[0]["resume"] = outcome(log, code, seconds)
+    found[0]["resumed_from"] = _resumed_step(log)
+    found[0]["exact"] = bool(losses) and all(losses[s] == ref["losses"][s] for s in losses)
     return found
 
 
@@ -688,7 +773,7 @@ def main(argv: list[str]) -> int:
         elif name == "interrupts":
             out[name] = interrupts(work)
         elif name == "full_disks":
-            out[name] = full_disks(work, ref, len(FULL_DISK_TARGETS), seed)
+            out[name] = full_disks(work, ref, seed)
         out[f"{name}_seconds"] = round(time.monotonic() - began, 1)
         report.write_text(json.dumps(out, indent=1))
     return 0
