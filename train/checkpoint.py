@@ -129,7 +129,7 @@ SHAPE_FIELDS = {
     "query_groups": "model.num_query_groups",
     "head_dim": "model.kv_channels",
     "vocab_size": "model.vocab_size",
-    "padded_vocab_size": "model.padded_vocab_size",
+    "padded_vocab_size": "the padded vocabulary (model.make_vocab_size_divisible_by)",
     "qk_layernorm": "model.qk_layernorm",
 }
 
