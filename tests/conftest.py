@@ -69,6 +69,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many tiny ops (``pytestmark = pytest.mark.usefixtures("one_thread")``): with two
+    threads each op pays OpenMP's hand-off, up to 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The bundled demo corpora, tokenized once per test session (about 20 s on 2 cores)."""

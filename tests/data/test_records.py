@@ -129,7 +129,9 @@ def test_prepare_records_writes_what_records_yaml_reads_and_reuses_it(tmp_path, 
     assert again == prepared
     assert stamps == {p: p.stat().st_mtime_ns for p in prepared.root.rglob("*")}, "nothing rewritten"
 
-    records.prepare_records(seed=1, train_documents=80, valid_documents=6, vocab_size=400, progress=False)
+    records.prepare_records(
+        seed=1, train_documents=80, valid_documents=6, vocab_size=400, workers=1, progress=False
+    )
     assert DatasetMetadata.read(prepared.train).documents == 80
     assert DatasetMetadata.read(prepared.train).source["seed"] == 1
 

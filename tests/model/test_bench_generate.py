@@ -14,6 +14,8 @@ from data.tokenizer import load_tokenizer, train_tokenizer
 from scripts import bench_generate as bench
 from tests.factories import tiny_nld_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # hundreds of passes of a tiny model
+
 QUICK = [
     "--prompt-set",
     "records",

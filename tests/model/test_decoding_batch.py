@@ -13,15 +13,7 @@ import torch
 from tests.factories import tiny_nld_model
 
 MASK = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Thousands of rows of tiny ops: with two threads each op pays OpenMP's hand-off, 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # thousands of rows of tiny ops
 
 
 def tiny_model(vocab: int, seed: int, std: float = 0.02):
