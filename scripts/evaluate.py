@@ -37,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--model", required=True, help="an export folder, or a Tandem run / checkpoint folder"
     )
-    parser.add_argument("--tasks", nargs="+", default=[GROUP])
+    parser.add_argument("--tasks", nargs="*", default=[GROUP], help="none: only --held-out")
     parser.add_argument("--mode", nargs="+", default=["ar"], choices=sorted(MODES))
     parser.add_argument("--block-length", type=int)
     parser.add_argument("--threshold", type=float, help="diffusion: commit confidence; self_spec: draft")
@@ -120,7 +120,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     pretrained = first.pretrained  # the export (made once when --model is a checkpoint)
-    for mode in args.mode:
+    for mode in args.mode if args.tasks else []:
         # One loaded model for every mode; loglikelihood tasks are scored once (they do not depend on it).
         options = {
             k: v for k, v in model_args(args, mode, pretrained).items() if k in ("block_length", "threshold")
@@ -142,9 +142,10 @@ def main(argv: list[str]) -> int:
         }
         (out / f"results_{mode}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         rows.append({"mode": mode, "results": results["results"], "generation": summary})
-    text = table(rows)
-    (out / "table.md").write_text(text + "\n")
-    print(text)
+    if rows:
+        text = table(rows)
+        (out / "table.md").write_text(text + "\n")
+        print(text)
     if args.held_out:
         model, _ = load_export(pretrained, dtype=HF_DTYPES[args.dtype], device=args.device)
         scores = evaluation.held_out_losses(model, evaluation.run_config(args.held_out, args.set))
