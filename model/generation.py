@@ -85,22 +85,6 @@ def encode_prompt(tokenizer, prompt: str) -> torch.Tensor:
     return torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long)
 
 
-def _check_lengths(prompt: int, max_new_tokens: int, context: int) -> None:
-    """``ValueError`` naming the option when nothing is asked for or the result would not fit the context."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: ask for at least 1 new token")
-    if prompt >= context:
-        raise ValueError(
-            f"the prompt has {prompt} tokens, past the model's context of {context} "
-            "(max_position_embeddings); shorten it"
-        )
-    if prompt + max_new_tokens > context:
-        raise ValueError(
-            f"the prompt's {prompt} tokens and max_new_tokens={max_new_tokens} exceed the model's context "
-            f"of {context} (max_position_embeddings); ask for at most {context - prompt} new tokens"
-        )
-
-
 def decode(
     model, tokenizer, prompt_ids: torch.Tensor, mode: str, max_new_tokens: int, **options
 ) -> Generation:
@@ -111,7 +95,6 @@ def decode(
             f"this export's remote code has no {MODES[mode]} (mode {mode!r}); it was written by an older "
             "Tandem: export the checkpoint again with scripts/export_hf.py --overwrite"
         )
-    _check_lengths(prompt_ids.shape[-1], max_new_tokens, model.config.max_position_embeddings)
     prompt_ids = prompt_ids.to(model.device)
     start = time.perf_counter()
     out, nfe = getattr(model, MODES[mode])(prompt_ids, max_new_tokens=max_new_tokens, **options)

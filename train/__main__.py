@@ -42,7 +42,8 @@ def _main(cfg: DictConfig) -> None:
     except ConfigError as err:
         _fail(f"Config error: {err}", 2)
     except KeyboardInterrupt:
-        _fail("interrupted (a second Ctrl-C): stopped without saving; the last checkpoint is intact", 130)
+        # Ctrl-C during start-up, or a second one: no save; whatever was saved is intact.
+        _fail("KeyboardInterrupt: stopped without saving; the last checkpoint is intact", 130)
     except (CheckpointError, ValueError, OSError, FloatingPointError) as err:
         _fail(f"{type(err).__name__}: {err}", 1)
     except RuntimeError as err:

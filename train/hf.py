@@ -87,7 +87,7 @@ def find_checkpoint(path: str | Path) -> CheckpointInfo:
         folders = ckpt.candidates(root)
     if not folders:
         raise FileNotFoundError(
-            f"no Tandem checkpoint under {path} (looked for iter_*/ folders with {ckpt.MANIFEST}); "
+            f"no complete Tandem checkpoint under {path} (looked for iter_*/ folders with {ckpt.MANIFEST}); "
             "give a run folder, its checkpoints/ folder or one iter_* folder"
         )
     problem = ckpt.verify(folders[0], checksums=True)

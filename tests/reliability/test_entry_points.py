@@ -130,13 +130,14 @@ class _Tokenizer:
 @pytest.mark.parametrize(
     ("prompt_length", "max_new_tokens", "why"),
     [
-        (4, 0, "max_new_tokens=0: ask for at least 1 new token"),
-        (4, -3, "max_new_tokens=-3"),
-        (300, 8, "the prompt has 300 tokens, past the model's context of 256"),
-        (250, 8, "ask for at most 6 new tokens"),
+        (4, 0, "max_new_tokens=0 must be >= 1"),
+        (4, -3, "max_new_tokens=-3 must be >= 1"),
+        (300, 8, "a prompt of 300 tokens plus 8 new tokens .* exceeds the context of 256"),
+        (250, 8, "exceeds the context of 256 positions; shorten the prompt or ask for fewer tokens"),
     ],
 )
 def test_decoding_refuses_nothing_to_generate_and_overlong_requests(prompt_length, max_new_tokens, why):
+    """The export's decoders check both before any pass (generate.py prints the message as its error)."""
     from model.generation import decode
 
     model = tiny_nld_model()
