@@ -190,3 +190,42 @@ def test_the_cli_decodes_smollm2_as_stock_transformers_does(smollm2_hf, smollm2_
         ]
     assert ours.ids == expected.tolist()
     assert ours.text == AutoTokenizer.from_pretrained(str(smollm2_hf)).decode(expected)
+
+
+def test_the_harness_scores_smollm2_as_lm_evals_own_hf_model(smollm2_hf, smollm2_imported, tmp_path):
+    """AR evaluation of the imported model through the ``tandem`` harness model equals lm-eval's own
+    ``hf`` model on the source weights: the same answers, accuracies and (to float32 rounding)
+    loglikelihoods on the offline tasks."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from data.eval_tasks import write_tasks
+    from train.evaluation import Tandem
+
+    tasks = write_tasks(tmp_path / "tasks", count=6)
+    export = export_checkpoint(smollm2_imported, tmp_path / "hf-eval", dtype="float32")
+    names = ["tandem_cloze", "tandem_arithmetic", "tandem_heldout"]
+
+    def evaluate(model, **model_args):
+        return lm_eval.simple_evaluate(
+            model=model,
+            model_args=model_args or None,
+            tasks=names,
+            task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+            log_samples=True,
+        )
+
+    ours = evaluate(Tandem(pretrained=str(export), batch_size=8))
+    stock = evaluate("hf", pretrained=str(smollm2_hf), dtype="float32", batch_size=8, device="cpu")
+    assert ours["results"]["tandem_cloze"]["acc,none"] == stock["results"]["tandem_cloze"]["acc,none"]
+    em = "exact_match,strip"
+    assert ours["results"]["tandem_arithmetic"][em] == stock["results"]["tandem_arithmetic"][em]
+    for task in names:
+        for a, b in zip(ours["samples"][task], stock["samples"][task], strict=True):
+            assert a["doc_id"] == b["doc_id"]
+            if task == "tandem_arithmetic":
+                assert a["resps"] == b["resps"]
+                continue
+            got = [r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in a["resps"]]
+            want = [r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in b["resps"]]
+            assert got == pytest.approx(want, abs=2e-3, rel=1e-5), task
