@@ -25,7 +25,7 @@ RECIPES = {
     "pretrain_14b": (8, 8),
 }
 # Recipes sized for a laptop or one GPU (fp32 on CPU, one process).
-SMALL_RECIPES = {"smollm2_ar2dlm"}
+SMALL_RECIPES = {"smollm2_ar2dlm", "records_demo"}
 
 
 def small(**overrides) -> ModelConfig:
