@@ -114,7 +114,8 @@ def build_datasets(
             sequence_length=cfg.seq_length,
             path_to_cache=cfg.cache_dir or str(Path(cfg.prefixes[0]).parent / "cache"),
             tokenizer=_MegatronTokenizer(tokenizer),
-            # PackedSequenceDataset restarts position ids with the document ids; masks come from kernels/.
+            # PackedSequenceDataset restarts position ids with the document ids; the masks come
+            # from tandem_kernels/.
             reset_position_ids=False,
             reset_attention_mask=False,
             eod_mask_loss=cfg.eod_mask_loss,

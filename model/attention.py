@@ -24,10 +24,10 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from torch.nn.attention.flex_attention import BlockMask
 
-from kernels import flex, masks
-from kernels.masks import MaskMod
 from model import rope
 from model.config import AttentionBackend, ConfigError, ModelConfig
+from tandem_kernels import flex, masks
+from tandem_kernels.masks import MaskMod
 
 
 @dataclass

@@ -59,8 +59,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import flex, masks
-from kernels.masks import CleanAttention
+from tandem_kernels import flex, masks
+from tandem_kernels.masks import CleanAttention
 
 REPO = Path(__file__).resolve().parents[1]
 # Flex attention may differ from the fp32 reference by this much more than bf16 SDPA does (both round

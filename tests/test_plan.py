@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-from kernels.masks import CleanAttention
 from model.config import ModelConfig, ParallelConfig, PrecisionConfig, Recompute
 from model.megatron import build_model
 from scripts import plan
+from tandem_kernels.masks import CleanAttention
 from train.config import CONFIG_DIR, compose_config
 from train.flops import block_diffusion_pairs, training_flops_per_sample
 

@@ -19,9 +19,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
-from kernels.masks import CleanAttention
 from model.config import ConfigError, Fp8Recipe, ModelConfig, ParallelConfig, PrecisionConfig
-from train.masking import MaskingKind
+from tandem_kernels.masks import CleanAttention
+from tandem_kernels.noise import MaskingKind
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 

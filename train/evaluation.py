@@ -27,12 +27,12 @@ from omegaconf import OmegaConf
 
 from data.dataset import build_datasets, collate
 from data.tokenizer import load_tokenizer_info
-from kernels import masks
 from model.evaluation import TandemLM
+from tandem_kernels import masks
+from tandem_kernels.noise import mask_seed
 from train.config import ObjectiveKind, TrainConfig
 from train.hf import export_checkpoint
 from train.loop import summarise
-from train.masking import mask_seed
 from train.objectives import build_objective, reduce
 
 

@@ -8,8 +8,8 @@ forward of the layers under full activation recompute.
 
 from __future__ import annotations
 
-from kernels.masks import CleanAttention
 from model.config import ModelConfig, Recompute
+from tandem_kernels.masks import CleanAttention
 
 
 def causal_pairs(length: int) -> int:
@@ -17,7 +17,7 @@ def causal_pairs(length: int) -> int:
 
 
 def block_diffusion_pairs(length: int, block_size: int, clean: CleanAttention) -> int:
-    """Allowed (query, key) pairs of the training mask over [x_t ; x_0] (see kernels.masks)."""
+    """Allowed (query, key) pairs of the training mask over [x_t ; x_0] (see tandem_kernels.masks)."""
     blocks = length // block_size
     noisy_same_block = blocks * block_size * block_size
     noisy_earlier_clean = block_size * block_size * blocks * (blocks - 1) // 2

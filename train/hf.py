@@ -41,11 +41,11 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from kernels.masks import CleanAttention
 from model import keymap
 from model.config import ConfigError, Dtype, ModelConfig, ParallelConfig, PrecisionConfig, TransformerImpl
 from model.hf_config import HF_DTYPES, MODEL_TYPE, model_from_hf, nld_config
 from model.megatron import build_model
+from tandem_kernels.masks import CleanAttention
 from train import checkpoint as ckpt
 from train.config import ObjectiveConfig, TrainConfig
 
@@ -55,7 +55,7 @@ REMOTE_CODE = {
     "configuration_nemotron_labs_diffusion.py": REPO / "model/hf/configuration_nemotron_labs_diffusion.py",
     "modeling_nemotron_labs_diffusion.py": REPO / "model/hf/modeling_nemotron_labs_diffusion.py",
     "tandem_decoding.py": REPO / "model/hf/tandem_decoding.py",
-    "tandem_masks.py": REPO / "kernels/masks.py",
+    "tandem_masks.py": REPO / "tandem_kernels/masks.py",
     "tandem_rope.py": REPO / "model/rope.py",
 }
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}

@@ -24,10 +24,10 @@ from typing import Protocol
 
 import torch
 
-from kernels import masks
-from kernels.masks import CleanAttention, MaskMod
+from tandem_kernels import masks
+from tandem_kernels.masks import CleanAttention, MaskMod
+from tandem_kernels.noise import Masking
 from train.config import ObjectiveConfig, ObjectiveKind
-from train.masking import Masking
 
 
 class Batch(Protocol):

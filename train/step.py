@@ -15,7 +15,7 @@ import torch
 
 from model.attention import realise
 from model.config import AttentionBackend, ModelConfig
-from train.masking import mask_seed
+from tandem_kernels.noise import mask_seed
 from train.objectives import ModelInputs, reduce
 
 

@@ -1,1 +1,1 @@
-../../kernels/masks.py
+../../tandem_kernels/masks.py

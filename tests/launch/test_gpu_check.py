@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import masks
 from scripts import gpu_check
+from tandem_kernels import masks
 from tests.conftest import REPO
 
 

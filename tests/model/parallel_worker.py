@@ -30,10 +30,10 @@ def main() -> None:
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from kernels import masks
     from model.attention import attention_inputs
     from model.config import ModelConfig, ParallelConfig, PrecisionConfig
     from model.megatron import build_model
+    from tandem_kernels import masks
 
     parallel_state.initialize_model_parallel(args.tp, args.pp)
     cfg = ModelConfig(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import masks
+from tandem_kernels import masks
 
 
 def full_logits(model, ids: list[int], mask_mod) -> torch.Tensor:

@@ -65,10 +65,10 @@ def test_megatron_ddp_optimizer_and_schedule_train_on_cpu(megatron_single):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from kernels import masks
     from model.attention import attention_inputs
     from model.config import ModelConfig, ParallelConfig, PrecisionConfig
     from model.megatron import build_model
+    from tandem_kernels import masks
 
     cfg = ModelConfig(
         name="t",

@@ -12,13 +12,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kernels import masks
 from model import keymap
 from model.attention import attention_inputs
 from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
 from model.generation import decode, encode_prompt, load_export
 from model.hf_config import model_from_hf
 from model.megatron import build_model
+from tandem_kernels import masks
 from tests.conftest import REPO
 from tests.factories import export_in_transformers, tiny_model
 from tests.model.reference_decoding import (
@@ -358,7 +358,7 @@ def test_tokens_per_forward_counts_every_pass(decode_model):
 def test_fused_pre_drafts_equal_separate_draft_passes(decode_model):
     """Pre-draft block k of one fused pass gives the logits of a separate bidirectional pass over the
     prefix, draft tokens 0..k and a block of masks (what the two-pass decoder would draft next)."""
-    from kernels.masks import block_decode, causal, speculate_fused, speculate_fused_positions
+    from tandem_kernels.masks import block_decode, causal, speculate_fused, speculate_fused_positions
 
     decoding = sys.modules[type(decode_model).__module__.rsplit(".", 1)[0] + ".tandem_decoding"]
     mask_id, D, prompt = 2, 4, PROMPTS[2]

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from kernels import masks
 from model.attention import attention_inputs
 from model.config import ParallelConfig, PrecisionConfig
 from model.generation import encode_prompt, load_export
 from model.megatron import build_model
+from tandem_kernels import masks
 from tests.conftest import free_port
 from train.hf import export_checkpoint, find_checkpoint, import_hf, load_megatron_state
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import flex, masks
 from model import keymap
 from model.attention import attention_inputs
 from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
 from model.megatron import build_model
+from tandem_kernels import flex, masks
 from tests.factories import hf_twin, tiny_model
 
 YARN = RopeConfig(

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import masks
-from kernels.masks import CleanAttention
-from train.masking import Masking, MaskingKind, mask_seed
+from tandem_kernels import masks
+from tandem_kernels.masks import CleanAttention
+from tandem_kernels.noise import Masking, MaskingKind, mask_seed
 from train.objectives import BlockDiffusion, CausalLM, Joint, reduce
 
 MASK = 3

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from kernels import masks
-from kernels.masks import CleanAttention
 from model.config import ModelConfig, Recompute
+from tandem_kernels import masks
+from tandem_kernels.masks import CleanAttention
 from train.config import LrSchedule, OptimConfig
 from train.flops import (
     block_diffusion_pairs,

@@ -4,6 +4,8 @@ Every scheme returns ``(masked [B, L] bool, p [B, L] float)``; the diffusion los
 cross-entropy of a masked token by 1/p (MDLM / LLaDA linear schedule: Sahoo et al. 2024, Sec. 3;
 Nie et al. 2025, Eq. 3). Tokens with ``loss_mask == 0`` are never masked. Randomness comes only from
 one generator per sample, which the trainer seeds from the sample's global index (``mask_seed``).
+Imports nothing but torch and the standard library, so that it can be copied verbatim into the export
+folder, whose training forward draws its noise with it.
 """
 
 from __future__ import annotations

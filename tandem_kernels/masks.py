@@ -4,7 +4,7 @@ A predicate has flex-attention's ``mask_mod`` signature ``(b, h, q_idx, kv_idx) 
 and returns True where query ``q_idx`` MAY attend to key ``kv_idx``. Indices are absolute
 positions in the sequence the keys live in (a KV cache included); ``shifted`` adapts a predicate
 to a query tensor that starts at a later position. Every realisation (the dense boolean masks of
-SDPA here, the flex BlockMasks in ``kernels.flex``, the copy shipped with the Hugging Face export)
+SDPA here, the flex BlockMasks in ``tandem_kernels.flex``, the copy shipped with the Hugging Face export)
 is computed from these functions. This module imports nothing but torch so that it can be copied
 verbatim into the export folder.
 
@@ -30,7 +30,7 @@ class CleanAttention(enum.Enum):
 
 
 def _named(mask_mod: MaskMod, name: str) -> MaskMod:
-    # Only data-independent predicates get a cache key: kernels.flex builds their BlockMask once.
+    # Only data-independent predicates get a cache key: tandem_kernels.flex builds their BlockMask once.
     mask_mod.__name__ = name
     mask_mod.cache_key = name
     return mask_mod

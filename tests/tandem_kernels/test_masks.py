@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask, flex_attention
 
-from kernels import flex, masks
-from kernels.masks import CleanAttention
+from tandem_kernels import flex, masks
+from tandem_kernels.masks import CleanAttention
 
 # research/algorithms.md section 2.3, L = 6, B = 2 (t = noisy copy, c = clean copy; 1 = may attend).
 NLD_PICTURE = """

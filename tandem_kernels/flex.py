@@ -1,4 +1,4 @@
-"""Flex-attention realisation of the predicates in ``kernels.masks``.
+"""Flex-attention realisation of the predicates in ``tandem_kernels.masks``.
 
 A BlockMask is built once per (predicate, shape, device) for data-independent predicates (the
 training mask depends only on the sequence length and block size) and per batch for
@@ -13,7 +13,7 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from kernels.masks import MaskMod, cache_key, shifted
+from tandem_kernels.masks import MaskMod, cache_key, shifted
 
 _STATIC_CACHE: dict[tuple, BlockMask] = {}
 
