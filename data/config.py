@@ -30,8 +30,6 @@ class DataConfig:
     document_masks: bool = False
     # Drop the loss on end-of-document tokens.
     eod_mask_loss: bool = False
-    # DataLoader worker processes.
-    num_workers: int = 0
 
     def validate(self) -> None:
         """Checks that need no files; raises ValueError naming the key (data.<key>)."""
