@@ -42,7 +42,8 @@ class World:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a rendezvous on this machine)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -84,7 +85,7 @@ def init_distributed(cfg: TrainConfig) -> World:
             torch.cuda.set_device(local_rank)
         # A world of one started without torchrun rendezvous on a fresh local port (every time: a
         # process may run several trainings one after another).
-        local = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+        local = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo",
             init_method=local,
@@ -163,7 +164,7 @@ def single_process() -> Iterator[None]:
     if not torch.cuda.is_available():
         cpu.enable()
     if owned:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     initialized_here = not parallel_state.model_parallel_is_initialized()
     if initialized_here:
         parallel_state.initialize_model_parallel(1, 1)
