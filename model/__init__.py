@@ -3,7 +3,7 @@
 import warnings
 
 # megatron.core warns once per module at import when Transformer Engine or apex is missing; Tandem
-# prints one line instead when it builds a model (model.megatron.backend_notice).
+# prints one line instead when it builds a model (model.megatron.Backends.notice).
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine)( and Apex)? (is|are) not installed.*")
 warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 # megatron.core 0.19: get_megatron_optimizer imports its experimental MiMo model, which warns on import.

@@ -12,6 +12,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+import torch
 from omegaconf import MISSING
 
 
@@ -165,6 +166,10 @@ class Dtype(enum.Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}[self]
 
 
 class Fp8Recipe(enum.Enum):

@@ -3,10 +3,12 @@
 Conventions fixed here:
 - Tandem's ``CoreAttention`` fills the layer spec's core-attention slot; megatron's own rotary
   embedding is off (``position_embedding_type="none"``) because RoPE runs inside it on explicit
-  per-token positions, and megatron's ``attention_mask`` argument is unused (masks travel in
-  ``AttentionInputs``, True = may attend).
-- Transformer Engine layers when ``transformer_impl`` asks for them (or ``auto`` and TE imports on a
-  CUDA machine), megatron.core's local layers otherwise. Both save the same dist-checkpoint keys.
+  per-token positions, and megatron's ``attention_mask`` argument is unused: a model is called
+  through ``forward``, which hands it ``AttentionInputs`` (mask, True = may attend, and rotary tables).
+- The backends are decided once per model (``Backends``): Transformer Engine layers when
+  ``transformer_impl`` asks for them (or ``auto`` and TE imports on a CUDA machine), megatron.core's
+  local layers otherwise (both save the same dist-checkpoint keys); flex attention on CUDA, dense SDPA
+  elsewhere (``model.attention_backend``).
 - The embedding is padded to ``ModelConfig.padded_vocab_size``, independent of the TP size.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +31,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from model.attention import CoreAttention
+from model.attention import AttentionInputs, CoreAttention, resolve_backend
 from model.config import (
+    AttentionBackend,
     ConfigError,
     Dtype,
     Fp8Recipe,
@@ -39,8 +43,6 @@ from model.config import (
     Recompute,
     TransformerImpl,
 )
-
-TORCH_DTYPES = {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}
 
 
 @functools.cache
@@ -62,20 +64,6 @@ def _apex_wgrad_fusion_available() -> bool:
     return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
-def backend_notice(model: ModelConfig) -> str:
-    """One line saying which layer implementation and optimizer a run gets, and why."""
-    if use_transformer_engine(model):
-        return "layers: Transformer Engine"
-    reason = (
-        "no CUDA"
-        if not torch.cuda.is_available()
-        else "Transformer Engine not installed (pip install -e .[gpu])"
-    )
-    if model.transformer_impl is TransformerImpl.local:
-        reason = "model.transformer_impl=local"
-    return f"layers: megatron.core local modules and torch AdamW ({reason})"
-
-
 def use_transformer_engine(model: ModelConfig) -> bool:
     if model.transformer_impl is TransformerImpl.local:
         return False
@@ -89,13 +77,42 @@ def use_transformer_engine(model: ModelConfig) -> bool:
     return transformer_engine_available()
 
 
+@dataclass(frozen=True)
+class Backends:
+    """How a model computes, decided once from its config and device: Transformer Engine or
+    megatron.core's local layers, and flex or dense-SDPA attention."""
+
+    transformer_engine: bool
+    attention: AttentionBackend  # flex or sdpa, never auto
+
+    @classmethod
+    def resolve(cls, model: ModelConfig, device: torch.device | None = None) -> Backends:
+        """``device``: where the model runs (default: the GPU when there is one, else the CPU)."""
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(use_transformer_engine(model), resolve_backend(model.attention_backend, device))
+
+    def notice(self, model: ModelConfig) -> str:
+        """One line saying which layers, optimizer and attention a run gets, and why."""
+        attention = f"attention: {self.attention.value}"
+        if self.transformer_engine:
+            return f"layers: Transformer Engine; {attention}"
+        if model.transformer_impl is TransformerImpl.local:
+            reason = "model.transformer_impl=local"
+        elif not torch.cuda.is_available():
+            reason = "no CUDA"
+        else:
+            reason = "Transformer Engine not installed (pip install -e .[gpu])"
+        return f"layers: megatron.core local modules and torch AdamW ({reason}); {attention}"
+
+
 def transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig
+    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, backends: Backends
 ) -> TransformerConfig:
     """Translate Tandem's config into megatron.core's TransformerConfig."""
-    dtype = TORCH_DTYPES[precision.dtype]
+    dtype = precision.dtype.torch
     on_gpu = torch.cuda.is_available()
-    te = use_transformer_engine(model)
+    te = backends.transformer_engine
     if precision.fp8 is not Fp8Recipe.none and not te:
         raise ConfigError(
             f"precision.fp8={precision.fp8.value} needs Transformer Engine on a CUDA machine "
@@ -163,9 +180,9 @@ def transformer_config(
     )
 
 
-def layer_spec(model: ModelConfig) -> ModuleSpec:
+def layer_spec(model: ModelConfig, backends: Backends) -> ModuleSpec:
     """megatron.core's GPT layer spec with Tandem's CoreAttention in the core-attention slot."""
-    if use_transformer_engine(model):
+    if backends.transformer_engine:
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
@@ -180,19 +197,22 @@ def build_model(
     parallel: ParallelConfig,
     precision: PrecisionConfig,
     *,
+    backends: Backends | None = None,
     vp_stage: int | None = None,
     meta: bool = False,
 ) -> GPTModel:
-    """One pipeline stage (or virtual stage ``vp_stage``) of the model on this rank.
+    """One pipeline stage (or virtual stage ``vp_stage``) of the model on this rank, computing as
+    ``backends`` says (default: resolved for this machine).
 
     Needs megatron's process groups (``parallel_state.initialize_model_parallel``). Logits stay split
     over the tensor-parallel group (the loss is vocab-parallel); pass ``runtime_gather_output=True``
-    to the forward for whole logits. ``meta``: on the meta device, never on a GPU: every key, shape
+    to ``forward`` for whole logits. ``meta``: on the meta device, never on a GPU: every key, shape
     and checkpoint offset of the model and no memory (weight conversion builds its checkpoint on it)."""
     model.validate()
     parallel.validate()
     precision.validate()
-    config = transformer_config(model, parallel, precision)
+    backends = backends or Backends.resolve(model)
+    config = transformer_config(model, parallel, precision, backends)
     if meta:
         config.use_cpu_initialization = True  # megatron's CPU initialisation honours a device context
     pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -200,7 +220,7 @@ def build_model(
     with torch.device("meta") if meta else contextlib.nullcontext():
         gpt = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(model),
+            transformer_layer_spec=layer_spec(model, backends),
             vocab_size=model.padded_vocab_size,
             max_sequence_length=model.max_position_embeddings,
             pre_process=pre_process,
@@ -213,3 +233,15 @@ def build_model(
     if meta or not torch.cuda.is_available():
         return gpt
     return gpt.cuda(torch.cuda.current_device())
+
+
+def forward(
+    gpt, tokens: torch.Tensor, position_ids: torch.Tensor, attention: AttentionInputs, labels=None, **kwargs
+) -> torch.Tensor:
+    """``gpt`` (a GPTModel, or one wrapped by DDP / Float16Module) on ``tokens`` [B, S] at RoPE
+    ``position_ids`` [B, S], attending as ``attention`` says: the per-token cross-entropy [B, S] against
+    ``labels``, else the logits [B, S, V / TP] (``runtime_gather_output=True``: all of V). On a later
+    pipeline stage: the stage's hidden states."""
+    return gpt(
+        tokens, position_ids, None, labels=labels, extra_block_kwargs={"attention_bias": attention}, **kwargs
+    )

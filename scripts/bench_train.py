@@ -25,7 +25,8 @@ from data.corpora import default_demo_dir, prepare_demo
 from data.dataset import build_datasets
 from train.config import compose_config
 from train.distributed import init_distributed, shutdown
-from train.loop import BatchSampler, Trainer
+from train.sampler import BatchSampler
+from train.trainer import Trainer
 
 
 class PlainBlock(nn.Module):

@@ -14,7 +14,7 @@ others; each reports pass / fail / skip, its figures and its time):
    k, v gradients), for the joint training mask and for the joint mask with document masks; flex must
    be within TOLERANCE_FACTOR x the error of bf16 SDPA with the same dense mask + TOLERANCE_FLOOR.
    Also flex vs dense-mask SDPA speed.
-4. train_bf16: the trainer's own step (train.loop.Trainer: Float16Module, megatron DDP with
+4. train_bf16: the trainer's own step (train.trainer.Trainer: Float16Module, megatron DDP with
    overlapped gradient reduction, the distributed optimizer with overlapped parameter gather,
    gradient clipping, the joint objective, flex attention) at the ``--size`` layer shape for a few
    steps: step time, tokens/s, TFLOP/s (train.flops, the trainer's count), MFU against the data sheet
@@ -60,7 +60,6 @@ import torch
 import torch.nn.functional as F
 
 from tandem_kernels import flex, masks
-from tandem_kernels.masks import CleanAttention
 
 REPO = Path(__file__).resolve().parents[1]
 # Flex attention may differ from the fp32 reference by this much more than bf16 SDPA does (both round
@@ -199,17 +198,28 @@ class Parity:
         return self.flex_error <= TOLERANCE_FACTOR * self.sdpa_error + TOLERANCE_FLOOR
 
 
+def joint_objective(block_size: int):
+    """NLD's joint objective (token-causal clean half) with blocks of ``block_size``."""
+    from train.config import ObjectiveConfig
+    from train.objectives import build_objective
+
+    return build_objective(ObjectiveConfig(block_size=block_size))
+
+
 def joint_predicate(seq_length: int, block_size: int, documents: bool, device: torch.device):
-    """The joint training mask over 2L, optionally restricted to random packed documents."""
-    predicate = masks.block_diffusion(seq_length, block_size, CleanAttention.causal)
+    """The joint training mask over the model sequence of ``seq_length`` tokens, optionally restricted
+    to random packed documents."""
+    objective = joint_objective(block_size)
+    predicate = objective.predicate(seq_length)
     if not documents:
         return predicate
     generator = torch.Generator().manual_seed(1)
     cuts = torch.randint(1, seq_length, (5,), generator=generator).unique()
     ids = torch.zeros(seq_length, dtype=torch.long)
     ids[cuts] = 1
-    ids = ids.cumsum(0)
-    return masks.and_masks(predicate, masks.same_document(torch.cat([ids, ids])[None].to(device)))
+    copies = objective.sequence_length(seq_length) // seq_length  # the document ids of each half
+    ids = ids.cumsum(0).repeat(copies)
+    return masks.and_masks(predicate, masks.same_document(ids[None].to(device)))
 
 
 def attention_parity(
@@ -222,10 +232,10 @@ def attention_parity(
     backward: bool,
     documents: bool = False,
 ) -> list[Parity]:
-    """Flex attention and bf16 SDPA against the fp32 reference on the joint mask over 2 * seq_length
-    positions: the output, and with ``backward`` the gradients of q, k and v."""
+    """Flex attention and bf16 SDPA against the fp32 reference on the joint mask of ``seq_length``
+    tokens: the output, and with ``backward`` the gradients of q, k and v."""
     predicate = joint_predicate(seq_length, block_size, documents, device)
-    S = 2 * seq_length
+    S = joint_objective(block_size).sequence_length(seq_length)
     allowed = masks.dense(predicate, S, S, device=device)
     block_mask = flex.block_mask(predicate, S, S, batch_size=1 if documents else None, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -265,8 +275,8 @@ def _parity(name: str, values: dict[str, torch.Tensor]) -> Parity:
 def attention_speed(seq_length: int, block_size: int, heads: int, kv_heads: int, head_dim: int) -> dict:
     """Forward + backward time of flex (block-sparse) and dense-mask SDPA at one shape, in seconds."""
     device = torch.device("cuda")
-    predicate = masks.block_diffusion(seq_length, block_size, CleanAttention.causal)
-    S = 2 * seq_length
+    objective = joint_objective(block_size)
+    predicate, S = objective.predicate(seq_length), objective.sequence_length(seq_length)
     allowed = masks.dense(predicate, S, S, device=device)
     block_mask = flex.block_mask(predicate, S, S, device=device)
     q = torch.randn(1, heads, S, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -310,7 +320,7 @@ def stage_matmul_ceiling(check: Check) -> dict:
     from train.flops import gpu_peak_flops
 
     if check.device.type != "cuda":
-        from train.loop import measured_matmul_flops
+        from train.metrics import measured_matmul_flops
 
         return {"fp32_tflops": measured_matmul_flops() / 1e12}
     name = torch.cuda.get_device_name()
@@ -395,7 +405,8 @@ def stage_train(check: Check, preset: str) -> dict:
     from train.config import Fp8Environment, compose_config
     from train.distributed import init_distributed, shutdown
     from train.flops import gpu_peak_flops
-    from train.loop import BatchSampler, Trainer, _init_rerun_state_machine
+    from train.sampler import BatchSampler
+    from train.trainer import Trainer
 
     on_gpu = check.device.type == "cuda"
     if preset != "bf16" and not on_gpu:
@@ -425,7 +436,6 @@ def stage_train(check: Check, preset: str) -> dict:
         raise Skip("Transformer Engine is not installed (pip install -e .[gpu])")
     world = init_distributed(cfg)
     try:
-        _init_rerun_state_machine()
         torch.manual_seed(cfg.seed)
         trainer = Trainer(cfg, world)
         samples = cfg.steps * cfg.global_batch_size
@@ -446,9 +456,9 @@ def stage_train(check: Check, preset: str) -> dict:
         flops = trainer.flops_per_sample * cfg.global_batch_size / step_seconds
         figures = {
             "shape": f"{check.size} layer x {check.layers}, L={cfg.data.seq_length} (model sees "
-            f"{cfg.model_sequence_length}), {cfg.global_batch_size} micro-batches of 1, {preset}",
-            "layers": "Transformer Engine" if "Transformer Engine" in _backend(cfg) else "megatron local",
-            "attention": trainer.step_context.backend.value,
+            f"{trainer.step_context.sequence_length}), {cfg.global_batch_size} micro-batches of 1, {preset}",
+            "layers": "Transformer Engine" if trainer.backends.transformer_engine else "megatron local",
+            "attention": trainer.backends.attention.value,
             "first_step_s": seconds[0],
             "step_s": step_seconds,
             "tokens_per_s": cfg.global_batch_size * cfg.data.seq_length / step_seconds,
@@ -467,12 +477,6 @@ def stage_train(check: Check, preset: str) -> dict:
         trainer = None
         shutdown()
         _free_memory()
-
-
-def _backend(cfg) -> str:
-    from model.megatron import backend_notice
-
-    return backend_notice(cfg.model)
 
 
 def _finite(x: float) -> bool:

@@ -7,7 +7,7 @@ removed with the object.
 
 ``held_out_losses`` scores an export on the held-out split of a run's indexed data exactly as the
 trainer's validation does (the same samples, the same masks drawn from the same per-sample seeds,
-the same reductions, ``train.loop.summarise``): AR cross-entropy per token and its perplexity, and
+the same reductions, ``train.metrics.summarise``): AR cross-entropy per token and its perplexity, and
 the block-diffusion NELBO per token, computed here with the export's own weights and remote code.
 """
 
@@ -32,7 +32,7 @@ from tandem_kernels import masks
 from tandem_kernels.noise import mask_seed
 from train.config import ObjectiveKind, TrainConfig
 from train.hf import export_checkpoint
-from train.loop import summarise
+from train.metrics import summarise
 from train.objectives import build_objective, reduce
 
 

@@ -1,10 +1,14 @@
 """Training objectives: what the model is fed and how each token's cross-entropy is weighted.
 
-An objective turns a data batch into ``ModelInputs``: the token sequence, its positions, the label of
-every position, the attention predicate (and the document ids it is restricted by), and named
-``LossTerm``s (per-token weights and a scale). The batch and the objective's work stay on the CPU (the
-data side); ``ModelInputs.to(device)`` is the one place where all of it moves to the model's device,
-and the mask and rotary tables are realised from the moved tensors.
+An objective answers what only it knows: how long the model sequence of a sample of L tokens is
+(``sequence_length``: L, or 2L for ``[x_t ; x_0]``), what may attend to what over it (``predicate``)
+and how many (query, key) pairs that allows (``attention_pairs``, for FLOPs), and, per batch, how the
+tokens are supervised. It turns a data batch into ``ModelInputs``: the token sequence, its positions,
+the label of every position, the attention predicate (and the document ids it is restricted by), and
+named ``LossTerm``s (per-token weights and a scale) whose supervised tokens normalise the loss. The
+batch and the objective's work stay on the CPU (the data side); ``ModelInputs.to(device)`` is the one
+place where all of it moves to the model's device, where the model side realises the mask and rotary
+tables from the moved tensors.
 The model's vocab-parallel cross-entropy over all positions is then reduced the same way for every
 objective (``reduce``):
 
@@ -28,6 +32,7 @@ from tandem_kernels import masks
 from tandem_kernels.masks import CleanAttention, MaskMod
 from tandem_kernels.noise import Masking
 from train.config import ObjectiveConfig, ObjectiveKind
+from train.flops import block_diffusion_pairs, causal_pairs
 
 
 class Batch(Protocol):
@@ -128,12 +133,21 @@ class CausalLM:
     def __init__(self, ar_weight: float = 1.0):
         self.ar_weight = ar_weight
 
+    def sequence_length(self, L: int) -> int:
+        return L
+
+    def predicate(self, L: int) -> MaskMod:
+        return masks.causal()
+
+    def attention_pairs(self, L: int) -> int:
+        return causal_pairs(L)
+
     def prepare(self, batch: Batch, generators: list[torch.Generator]) -> ModelInputs:
         return ModelInputs(
             tokens=batch.tokens,
             position_ids=batch.position_ids,
             labels=batch.labels,
-            mask_mod=masks.causal(),
+            mask_mod=self.predicate(batch.tokens.shape[1]),
             document_ids=_documents(batch.document_ids, copies=1),
             terms={"ar": LossTerm(batch.loss_mask.float(), self.ar_weight)},
         )
@@ -148,16 +162,25 @@ class BlockDiffusion:
     def __init__(
         self,
         masking: Masking,
-        mask_token_id: int,
+        mask_token_id: int | None,
         block_size: int,
         clean_attention: CleanAttention = CleanAttention.causal,
         diffusion_weight: float = 1.0,
     ):
         self.masking = masking
-        self.mask_token_id = mask_token_id
+        self.mask_token_id = mask_token_id  # None: the objective can size a run but not prepare batches
         self.block_size = block_size
         self.clean_attention = clean_attention
         self.diffusion_weight = diffusion_weight
+
+    def sequence_length(self, L: int) -> int:
+        return 2 * L
+
+    def predicate(self, L: int) -> MaskMod:
+        return masks.block_diffusion(L, self.block_size, self.clean_attention)
+
+    def attention_pairs(self, L: int) -> int:
+        return block_diffusion_pairs(L, self.block_size, self.clean_attention)
 
     def clean_terms(self, batch: Batch) -> dict[str, LossTerm]:
         """Loss terms on the clean half (none: it carries no loss here)."""
@@ -165,6 +188,8 @@ class BlockDiffusion:
 
     def prepare(self, batch: Batch, generators: list[torch.Generator]) -> ModelInputs:
         """``generators``: one per row of the batch, the only source of the mask's randomness."""
+        if self.mask_token_id is None:
+            raise ValueError("the diffusion objective needs the mask token id to prepare a batch")
         tokens, L = batch.tokens, batch.tokens.shape[1]
         masked, p = self.masking(batch.loss_mask, generators)
         masked, p = masked.to(tokens.device), p.to(tokens.device)
@@ -178,7 +203,7 @@ class BlockDiffusion:
             position_ids=torch.cat([batch.position_ids, batch.position_ids], dim=1),
             # Noisy half: the token at the same position. Clean half: the next token.
             labels=torch.cat([tokens, batch.labels], dim=1),
-            mask_mod=masks.block_diffusion(L, self.block_size, self.clean_attention),
+            mask_mod=self.predicate(L),
             document_ids=_documents(batch.document_ids, copies=2),
             terms=terms,
             masked=torch.cat([masked, torch.zeros_like(masked)], dim=1),
@@ -199,8 +224,9 @@ class Joint(BlockDiffusion):
         return {"ar": LossTerm(torch.cat([no_loss, batch.loss_mask.float()], dim=1), self.ar_weight)}
 
 
-def build_objective(cfg: ObjectiveConfig, mask_token_id: int) -> CausalLM | BlockDiffusion:
-    """The objective named by ``cfg.kind``."""
+def build_objective(cfg: ObjectiveConfig, mask_token_id: int | None = None) -> CausalLM | BlockDiffusion:
+    """The objective named by ``cfg.kind``; without ``mask_token_id`` it answers the questions of
+    sizing (sequence length, attention pairs, predicate) but prepares no batch."""
     if cfg.kind is ObjectiveKind.ar:
         return CausalLM(ar_weight=cfg.ar_weight)
     masking = Masking(

@@ -32,7 +32,7 @@ def main() -> None:
 
     from model.attention import attention_inputs
     from model.config import ModelConfig, ParallelConfig, PrecisionConfig
-    from model.megatron import build_model
+    from model.megatron import build_model, forward
     from tandem_kernels import masks
 
     parallel_state.initialize_model_parallel(args.tp, args.pp)
@@ -69,9 +69,7 @@ def main() -> None:
     results = {}
     if args.pp == 1:
         with torch.no_grad():
-            logits = model.eval()(
-                tokens[0], positions, None, packed_seq_params=inputs, runtime_gather_output=True
-            )
+            logits = forward(model.eval(), tokens[0], positions, inputs, runtime_gather_output=True)
         results["logits"] = logits[..., : cfg.vocab_size]
 
     model.train()
@@ -79,7 +77,7 @@ def main() -> None:
 
     def forward_step(data_iterator, stage):
         micro_tokens, micro_labels = next(data_iterator)
-        per_token = stage(micro_tokens, positions, None, labels=micro_labels, packed_seq_params=inputs)
+        per_token = forward(stage, micro_tokens, positions, inputs, labels=micro_labels)
 
         def loss_func(output):
             loss = output.float().mean()

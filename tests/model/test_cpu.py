@@ -67,7 +67,7 @@ def test_megatron_ddp_optimizer_and_schedule_train_on_cpu(megatron_single):
 
     from model.attention import attention_inputs
     from model.config import ModelConfig, ParallelConfig, PrecisionConfig
-    from model.megatron import build_model
+    from model.megatron import build_model, forward
     from tandem_kernels import masks
 
     cfg = ModelConfig(
@@ -94,7 +94,7 @@ def test_megatron_ddp_optimizer_and_schedule_train_on_cpu(megatron_single):
     inputs = attention_inputs(cfg, positions, masks.dense(masks.causal(), 16, 16))
 
     def forward_step(data_iterator, stage):
-        per_token = stage(tokens[:, :-1], positions, None, labels=tokens[:, 1:], packed_seq_params=inputs)
+        per_token = forward(stage, tokens[:, :-1], positions, inputs, labels=tokens[:, 1:])
         return per_token, lambda out: (out.mean(), {"loss": out.mean().detach().clone()})
 
     losses = []

@@ -17,7 +17,7 @@ from model.attention import attention_inputs
 from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
 from model.generation import decode, encode_prompt, load_export
 from model.hf_config import model_from_hf
-from model.megatron import build_model
+from model.megatron import build_model, forward
 from tandem_kernels import masks
 from tests.conftest import REPO
 from tests.factories import export_in_transformers, tiny_model
@@ -78,12 +78,8 @@ def hf_model(exported):
 
 def megatron_logits(model, cfg, tokens, positions, mask):
     with torch.no_grad():
-        out = model(
-            tokens,
-            positions,
-            None,
-            packed_seq_params=attention_inputs(cfg, positions, mask),
-            runtime_gather_output=True,
+        out = forward(
+            model, tokens, positions, attention_inputs(cfg, positions, mask), runtime_gather_output=True
         )
     return out[..., : cfg.vocab_size]
 
@@ -231,15 +227,8 @@ def test_nld_training_call_returns_the_trainers_loss(exported, hf_model):
     inputs = objective.prepare(Batch, [])
     S = inputs.tokens.shape[1]
     with torch.no_grad():
-        per_token = model(
-            inputs.tokens,
-            inputs.position_ids,
-            None,
-            labels=inputs.labels,
-            packed_seq_params=attention_inputs(
-                cfg, inputs.position_ids, masks.dense(inputs.predicate(), S, S)
-            ),
-        )
+        attention = attention_inputs(cfg, inputs.position_ids, masks.dense(inputs.predicate(), S, S))
+        per_token = forward(model, inputs.tokens, inputs.position_ids, attention, labels=inputs.labels)
     reduced = reduce(per_token, inputs)
     with torch.no_grad():
         out = hf(

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from model.attention import attention_inputs
 from model.config import ParallelConfig, PrecisionConfig
 from model.generation import encode_prompt, load_export
-from model.megatron import build_model
+from model.megatron import build_model, forward
 from tandem_kernels import masks
 from tests.conftest import free_port
 from train.hf import export_checkpoint, find_checkpoint, import_hf, load_megatron_state
@@ -45,13 +45,8 @@ def test_imported_smollm2_gives_the_logits_of_transformers(smollm2_hf, smollm2_i
     positions = torch.arange(S)[None]
     with torch.no_grad():
         expected = reference(input_ids=ids).logits
-        got = model(
-            ids,
-            positions,
-            None,
-            runtime_gather_output=True,
-            packed_seq_params=attention_inputs(cfg, positions, masks.dense(masks.causal(), S, S)),
-        )
+        attention = attention_inputs(cfg, positions, masks.dense(masks.causal(), S, S))
+        got = forward(model, ids, positions, attention, runtime_gather_output=True)
     torch.testing.assert_close(got[..., : expected.shape[-1]], expected, atol=2e-4, rtol=1e-4)
     assert got[0, -1, : expected.shape[-1]].argmax() == expected[0, -1].argmax()
 

@@ -8,7 +8,7 @@ import torch
 from model import keymap
 from model.attention import attention_inputs
 from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
-from model.megatron import build_model
+from model.megatron import build_model, forward
 from tandem_kernels import flex, masks
 from tests.factories import hf_twin, tiny_model
 
@@ -46,9 +46,9 @@ def megatron_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
-def forward(model, cfg, tokens, position_ids, mask):
+def logits(model, cfg, tokens, position_ids, mask):
     inputs = attention_inputs(cfg, position_ids, mask)
-    return model(tokens, position_ids, None, packed_seq_params=inputs, runtime_gather_output=True)
+    return forward(model, tokens, position_ids, inputs, runtime_gather_output=True)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +72,7 @@ def test_causal_forward_equals_transformers(megatron_single, family, cfg):
     tokens = torch.randint(0, cfg.vocab_size, (2, 40))  # 40 > original_max_position_embeddings of YARN
     positions = torch.arange(40).expand(2, 40)
     with torch.no_grad():
-        ours = forward(model, cfg, tokens, positions, masks.dense(masks.causal(), 40, 40))[
+        ours = logits(model, cfg, tokens, positions, masks.dense(masks.causal(), 40, 40))[
             ..., : cfg.vocab_size
         ]
         theirs = reference(input_ids=tokens).logits
@@ -121,7 +121,7 @@ def joint_forward(model, cfg, clean, noisy, block):
     positions = torch.arange(L).repeat(2).expand(clean.shape[0], 2 * L)
     mask = masks.dense(masks.block_diffusion(L, block), 2 * L, 2 * L)
     with torch.no_grad():
-        return forward(model, cfg, tokens, positions, mask)
+        return logits(model, cfg, tokens, positions, mask)
 
 
 def test_noisy_logits_of_a_block_ignore_its_own_clean_block(megatron_single):
@@ -151,7 +151,7 @@ def test_clean_half_of_the_joint_forward_is_the_causal_model(megatron_single):
     joint = joint_forward(model, cfg, clean, noisy, 8)
     positions = torch.arange(L).expand(2, L)
     with torch.no_grad():
-        causal = forward(model, cfg, clean, positions, masks.dense(masks.causal(), L, L))
+        causal = logits(model, cfg, clean, positions, masks.dense(masks.causal(), L, L))
     torch.testing.assert_close(joint[:, L:], causal, atol=1e-5, rtol=1e-5)
 
 
@@ -163,8 +163,8 @@ def test_flex_block_mask_forward_equals_dense_through_the_model(megatron_single)
     positions = torch.arange(L).repeat(2).expand(2, 2 * L)
     mod = masks.block_diffusion(L, B)
     with torch.no_grad():
-        dense_out = forward(model, cfg, tokens, positions, masks.dense(mod, 2 * L, 2 * L))
-        flex_out = forward(model, cfg, tokens, positions, flex.block_mask(mod, 2 * L, 2 * L))
+        dense_out = logits(model, cfg, tokens, positions, masks.dense(mod, 2 * L, 2 * L))
+        flex_out = logits(model, cfg, tokens, positions, flex.block_mask(mod, 2 * L, 2 * L))
     torch.testing.assert_close(flex_out, dense_out, atol=1e-5, rtol=1e-5)
 
 
@@ -173,7 +173,7 @@ def test_backward_reaches_every_parameter(megatron_single):
     model = build(cfg).train()
     tokens = torch.randint(0, cfg.vocab_size, (2, 2 * L))
     positions = torch.arange(L).repeat(2).expand(2, 2 * L)
-    out = forward(model, cfg, tokens, positions, masks.dense(masks.block_diffusion(L, 4), 2 * L, 2 * L))
+    out = logits(model, cfg, tokens, positions, masks.dense(masks.block_diffusion(L, 4), 2 * L, 2 * L))
     out.float().pow(2).mean().backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
@@ -190,8 +190,8 @@ def test_missing_attention_inputs_is_a_clear_error(megatron_single):
 @pytest.mark.parametrize("recompute", ["selective", "full"])
 def test_activation_recompute_leaves_loss_and_gradients_unchanged(megatron_single, recompute):
     """Recompute replays the layers in backward; Tandem's attention inputs travel outside the saved
-    tensors (megatron passes packed_seq_params by closure), so the loss is identical and the gradients
-    equal up to the order in which autograd accumulates them (~1e-7 relative)."""
+    tensors (megatron passes its attention_bias argument by closure), so the loss is identical and the
+    gradients equal up to the order in which autograd accumulates them (~1e-7 relative)."""
     from model.config import Recompute
 
     cfg, L = small(qk_layernorm=True), 16
@@ -202,9 +202,7 @@ def test_activation_recompute_leaves_loss_and_gradients_unchanged(megatron_singl
     def loss_and_grads(parallel):
         torch.manual_seed(0)
         model = build_model(cfg, parallel, PrecisionConfig()).train()
-        per_token = model(
-            tokens, positions, None, labels=tokens, packed_seq_params=attention_inputs(cfg, positions, mask)
-        )
+        per_token = forward(model, tokens, positions, attention_inputs(cfg, positions, mask), labels=tokens)
         per_token.sum().backward()
         return per_token.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

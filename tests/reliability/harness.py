@@ -607,13 +607,13 @@ def failing_starts(work: Path, demo: Path, ref_run: Path, nproc: int, names: lis
 def fail_on_rank_1() -> None:
     """A hook: rank 1's data check fails (as on a node that cannot read a prefix); the others pass."""
     if os.environ.get("RANK") == "1":
-        import train.loop
+        import train.trainer
         from data.metadata import DataError
 
         def check_data(*args, **kwargs):
             raise DataError("injected on rank 1 only: a prefix this node cannot read")
 
-        train.loop.check_data = check_data
+        train.trainer.check_data = check_data
 
 
 def one_rank_fails(work: Path) -> list[dict]:

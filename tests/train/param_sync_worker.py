@@ -36,7 +36,8 @@ def main() -> None:
     from train import checkpoint as ckpt
     from train.config import compose_config
     from train.distributed import World
-    from train.loop import BatchSampler, Trainer, _init_rerun_state_machine
+    from train.sampler import BatchSampler
+    from train.trainer import Trainer
 
     out = Path(args.dir)
     cfg = compose_config(
@@ -57,7 +58,6 @@ def main() -> None:
     )
     parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
-    _init_rerun_state_machine()
     rank = dist.get_rank()
     fields = {f.name for f in dataclasses.fields(World)}
     values = dict(

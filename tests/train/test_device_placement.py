@@ -52,9 +52,8 @@ def world(device: torch.device) -> World:
 
 def build(cfg, device: torch.device, weights: list[dict] | None = None):
     """A trainer built on ``device`` (with ``weights``, if given, in its model chunks)."""
-    from train.loop import Trainer, _init_rerun_state_machine
+    from train.trainer import Trainer
 
-    _init_rerun_state_machine()
     torch.manual_seed(cfg.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
     trainer = Trainer(cfg, world(device))
@@ -67,7 +66,7 @@ def build(cfg, device: torch.device, weights: list[dict] | None = None):
 def one_step(cfg, trainer):
     """(train metrics of the first step, validation metrics before it)."""
     from data.dataset import build_datasets
-    from train.loop import BatchSampler
+    from train.sampler import BatchSampler
 
     train_set, valid_set, _ = build_datasets(
         cfg.data, (cfg.steps * cfg.global_batch_size, cfg.global_batch_size, 1), cfg.seed, trainer.tokenizer
@@ -111,11 +110,11 @@ def test_a_training_step_keeps_every_tensor_on_the_device(megatron_single, demo_
 def test_checkpoint_agreement_and_signals_use_the_groups_device(megatron_single):
     """The all-reduces that decide whether every rank loaded a checkpoint, and whether any rank got a
     signal, run on NCCL groups on a GPU: their flags must be device tensors."""
-    from train.loop import _Signals
+    from train.signals import Signals
 
     with simulated_gpu(nccl=True, cuda_available=True):
         assert ckpt._all_ok(True) is True
-        signals = _Signals()
+        signals = Signals()
         try:
             assert signals.any_rank() is False
         finally:

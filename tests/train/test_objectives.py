@@ -129,16 +129,13 @@ def tiny_model():
 
 def model_outputs(cfg, model, inputs):
     from model.attention import attention_inputs
+    from model.megatron import forward
 
     S = inputs.tokens.shape[1]
     attention = attention_inputs(cfg, inputs.position_ids, masks.dense(inputs.mask_mod, S, S))
     with torch.no_grad():
-        per_token = model(
-            inputs.tokens, inputs.position_ids, None, labels=inputs.labels, packed_seq_params=attention
-        )
-        logits = model(
-            inputs.tokens, inputs.position_ids, None, packed_seq_params=attention, runtime_gather_output=True
-        )
+        per_token = forward(model, inputs.tokens, inputs.position_ids, attention, labels=inputs.labels)
+        logits = forward(model, inputs.tokens, inputs.position_ids, attention, runtime_gather_output=True)
     return per_token, logits[..., : cfg.vocab_size]
 
 
