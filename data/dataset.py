@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -249,21 +249,10 @@ class Batch:
     dataset_ids: torch.Tensor  # [b] long, the blend prefix of each sample
     document_ids: torch.Tensor | None = None  # [b, L] long with document_masks, else None
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> Batch:
-        """Called by a DataLoader with pin_memory=True."""
-        return self._map(torch.Tensor.pin_memory)
-
-    def _map(self, fn) -> Batch:
-        return Batch(
-            **{f.name: None if (t := getattr(self, f.name)) is None else fn(t) for f in fields(self)}
-        )
-
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> Batch:
-    """DataLoader collate_fn for PackedSequenceDataset samples."""
+    """One batch of PackedSequenceDataset samples (the training step moves it to the model's device
+    with the objective's inputs, ``train.objectives.ModelInputs.to``)."""
 
     def stack(key: str) -> torch.Tensor:
         return torch.stack([s[key] for s in samples])

@@ -30,9 +30,6 @@ T = TypeVar("T")
 class World:
     rank: int
     size: int
-    local_rank: int
-    tp_rank: int
-    pp_rank: int
     dp_rank: int
     dp_size: int
     device: torch.device
@@ -102,9 +99,6 @@ def init_distributed(cfg: TrainConfig) -> World:
     return World(
         rank=rank,
         size=size,
-        local_rank=local_rank,
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
         device=torch.device("cuda", local_rank) if on_gpu else torch.device("cpu"),

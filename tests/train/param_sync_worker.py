@@ -8,7 +8,6 @@ all-gather of updated parameter shards to the next forward pass."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -59,18 +58,13 @@ def main() -> None:
     parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
     rank = dist.get_rank()
-    fields = {f.name for f in dataclasses.fields(World)}
-    values = dict(
+    world = World(
         rank=rank,
         size=2,
-        local_rank=rank,
-        tp_rank=0,
-        pp_rank=0,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=2,
         device=torch.device("cpu"),
     )
-    world = World(**{k: v for k, v in values.items() if k in fields})
     torch.manual_seed(cfg.seed)
     trainer = Trainer(cfg, world)
     train_set, _, _ = build_datasets(cfg.data, (8, 8, 1), cfg.seed, trainer.tokenizer)
