@@ -125,7 +125,7 @@ class CheckpointConfig:
     # Where checkpoints go; None -> <run_dir>/checkpoints. Auto-resume reads the same folder.
     dir: str | None = None
     # Save every N steps (0: only at the end and on SIGTERM/SIGUSR1).
-    interval: int = 0
+    interval: int = 200
     # Keep the newest N checkpoints (0 keeps all).
     keep: int = 2
     # Initial weights from another checkpoint (e.g. an imported Hugging Face model).
