@@ -1,17 +1,50 @@
 """Every shipped config composes and validates; every kind of bad config fails at once, naming the key."""
 
 import dataclasses
+import typing
 
 import pytest
+from omegaconf import OmegaConf
 
 from model.config import ConfigError
-from train.config import CONFIG_DIR, FP8_MIN_TE, Fp8Environment, compose_config
+from train.config import CONFIG_DIR, FP8_MIN_TE, Fp8Environment, TrainConfig, compose_config
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+# The model and the launch cluster each experiment's header names ("local": no cluster).
+EXPERIMENTS = {
+    "quickstart": ("tiny", "local"),
+    "records_demo": ("tiny", "local"),
+    "smollm2_ar2dlm": ("smollm2_135m", "local"),
+    "nld_3b_ar2dlm": ("3b", "1x8"),
+    "nld_8b_ar2dlm": ("8b", "4x8"),
+    "nld_14b_ar2dlm": ("14b", "8x8"),
+    "pretrain_3b": ("3b", "4x8"),
+    "pretrain_8b": ("8b", "8x8"),
+    "pretrain_14b": ("14b", "8x8"),
+}
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def bases() -> list[str]:
+    """The configs recipes build on (experiment/<folder>/<name>): selectable too, e.g. experiment=base/nld."""
+    folder = CONFIG_DIR / "experiment"
+    return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.glob("*/**/*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    """experiment=<name>, composed once for the tests that read it."""
+    composed = {}
+
+    def compose(name: str):
+        if name not in composed:
+            composed[name] = compose_config([f"experiment={name}"])
+        return composed[name]
+
+    return compose
 
 
 def test_every_group_of_the_schema_has_a_folder():
@@ -39,9 +72,57 @@ def test_every_shipped_option_composes_and_validates(override):
         assert cfg.model.name == option
 
 
-@pytest.mark.parametrize("experiment", options("experiment") if (CONFIG_DIR / "experiment").is_dir() else [])
-def test_every_experiment_composes_and_validates(experiment):
-    compose_config([f"experiment={experiment}"])
+def test_group_members_set_only_what_differs_from_the_schema():
+    """A default lives in the schema alone; a member (model/rope/ministral3 included) repeats none of it,
+    except the objective's kind, which names the member."""
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            if OmegaConf.is_dict(value):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    schemas = typing.get_type_hints(TrainConfig)
+    repeated = []
+    for path in sorted(CONFIG_DIR.glob("*/**/*.yaml")):
+        group, *inner = path.relative_to(CONFIG_DIR).parent.parts
+        if group == "experiment":
+            continue
+        schema = OmegaConf.structured(schemas[group])
+        values = OmegaConf.load(path)
+        values.pop("defaults", None)
+        for key, value in leaves(values):
+            default = OmegaConf.select(schema, ".".join([*inner, key]), throw_on_missing=False)
+            if key != "kind" and getattr(default, "value", default) == value:
+                repeated.append(f"{path.relative_to(CONFIG_DIR)}: {key}: {value}")
+    assert not repeated
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_every_experiment_composes_and_validates(name, experiment):
+    cfg = experiment(name)
+    model, launch = EXPERIMENTS[name]
+    nodes, gpus_per_node = (0, 0) if launch == "local" else map(int, launch.split("x"))
+    assert cfg.run_dir == f"runs/{name}"
+    assert cfg.model.name == model
+    assert (cfg.launch.nodes, cfg.launch.gpus_per_node) == (nodes, gpus_per_node)
+
+
+@pytest.mark.parametrize("name", bases())
+def test_every_base_composes_and_validates(name, experiment):
+    launch = experiment(name).launch
+    assert (launch.nodes, launch.gpus_per_node) == (0, 0)  # a base leaves the cluster to its recipes
+
+
+def test_a_recipe_overrides_what_its_bases_set(experiment):
+    """base/pretrain picks model 3b, 1024 x 50 000 steps and 2000 warmup steps; base/nld, built on it, sets
+    its own batch, steps and warmup (1% of the steps); nld_8b_ar2dlm, built on base/nld, its model."""
+    pretrain, nld, nld_8b = (experiment(name) for name in ("base/pretrain", "base/nld", "nld_8b_ar2dlm"))
+    assert (pretrain.model.name, pretrain.global_batch_size, pretrain.steps) == ("3b", 1024, 50000)
+    assert (nld.model.name, nld.global_batch_size, nld.steps) == ("3b", 512, 12500)
+    assert (pretrain.optim.warmup_steps, nld.optim.warmup_steps) == (2000, None)
+    assert (nld_8b.model.name, nld_8b.global_batch_size, nld_8b.optim.warmup_steps) == ("8b", 512, None)
 
 
 @pytest.mark.parametrize(

@@ -229,10 +229,16 @@ def test_every_small_recipe_fits_one_gpu(experiment, capsys):
     assert "1 node(s) x 1 GPUs = 1: TP 1" in out and "ok, fits" in out
 
 
+@pytest.fixture(scope="module")
+def recipes():
+    """Each cluster recipe, composed once for the tests that read it."""
+    return {name: compose_config([f"experiment={name}"]) for name in RECIPES}
+
+
 @pytest.mark.parametrize("experiment", sorted(RECIPES))
-def test_every_recipe_passes_the_planner_on_its_cluster(experiment, capsys):
+def test_every_recipe_passes_the_planner_on_its_cluster(experiment, recipes, capsys):
     nodes, tp = RECIPES[experiment]
-    cfg = compose_config([f"experiment={experiment}"])
+    cfg = recipes[experiment]
     assert (cfg.launch.nodes, cfg.launch.gpus_per_node, cfg.parallel.tensor) == (nodes, 8, tp)
     assert plan.main(["--gpu", "B200", f"experiment={experiment}"]) == 0
     out = capsys.readouterr().out
@@ -240,16 +246,14 @@ def test_every_recipe_passes_the_planner_on_its_cluster(experiment, capsys):
     assert "B200" in out and "ok, fits" in out
 
 
-def test_the_nld_recipes_share_everything_but_size_and_layout():
-    def settings(size):
-        cfg = compose_config([f"experiment=nld_{size}_ar2dlm"])
-        return cfg, (cfg.objective, cfg.optim, cfg.data, cfg.precision, cfg.steps, cfg.global_batch_size)
-
-    cfg, shared = settings("8b")
-    assert [settings(size)[1] for size in ("3b", "14b")] == [shared, shared]
+@pytest.mark.parametrize("experiment", sorted(name for name in RECIPES if name.startswith("nld_")))
+def test_the_nld_recipes_have_nlds_published_numbers(experiment, recipes):
+    cfg = recipes[experiment]
     assert (cfg.objective.block_size, cfg.objective.mask_token_id) == (64, 100)
     assert (cfg.objective.ar_weight, cfg.objective.diffusion_weight) == (1.0, 0.3)
     assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.schedule.value) == (1e-5, 1e-6, "wsd")
+    # 1% warmup (not base/pretrain's 2000 steps), the last 20% decaying.
+    assert (cfg.optim.warmup_steps, cfg.optim.warmup_fraction, cfg.optim.decay_fraction) == (None, 0.01, 0.2)
     assert (cfg.global_batch_size, cfg.data.seq_length, cfg.steps) == (512, 4096, 12500)
     assert cfg.checkpoint.finetune and cfg.parallel.distributed_optimizer
     assert "TANDEM_INIT_CHECKPOINT" in cfg.checkpoint.load  # a placeholder that names what to set
