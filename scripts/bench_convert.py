@@ -152,8 +152,9 @@ def save_random_checkpoint(args, root: Path) -> int:
     from model.config import ModelConfig, ParallelConfig, PrecisionConfig
     from model.megatron import build_model
     from train import checkpoint as ckpt
-    from train.config import ObjectiveConfig, TrainConfig
+    from train.config import TrainConfig
     from train.distributed import single_process
+    from train.objectives import ObjectiveConfig
 
     texts = [
         f"The benchmark model {i} reads and writes its weights one tensor at a time." for i in range(200)

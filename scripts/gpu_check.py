@@ -20,7 +20,7 @@ others; each reports pass / fail / skip, its figures and its time):
    steps: step time, tokens/s, TFLOP/s (train.flops, the trainer's count), MFU against the data sheet
    and the measured ceiling, peak memory; losses and gradient norms finite.
 5. train_<fp8 preset>: the same for each FP8 recipe the installed Transformer Engine runs on this GPU
-   (train.config.check_fp8 decides; the others are skipped with the reason).
+   (train.validation.validate decides; the others are skipped with the reason).
 6. resume: ``python -m train``'s loop (train.loop.run) on a smaller model for 6 steps with a
    checkpoint at step 3, then a second run resumed from that checkpoint: its losses at steps 4-6 must
    equal the first run's exactly.
@@ -200,8 +200,7 @@ class Parity:
 
 def joint_objective(block_size: int):
     """NLD's joint objective (token-causal clean half) with blocks of ``block_size``."""
-    from train.config import ObjectiveConfig
-    from train.objectives import build_objective
+    from train.objectives import ObjectiveConfig, build_objective
 
     return build_objective(ObjectiveConfig(block_size=block_size))
 
@@ -310,9 +309,9 @@ def stage_environment(check: Check) -> dict:
     if torch.cuda.is_available():
         figures["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
         figures["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    from train.config import Fp8Environment
+    from train.validation import Environment
 
-    figures["transformer_engine"] = Fp8Environment.here().te_version
+    figures["transformer_engine"] = Environment.here().te_version
     return figures
 
 
@@ -402,11 +401,12 @@ def stage_train(check: Check, preset: str) -> dict:
     """A few steps of the trainer's own step at the ``--size`` shape with ``configs/precision/<preset>``."""
     from data.dataset import build_datasets
     from model.config import ConfigError
-    from train.config import Fp8Environment, compose_config
+    from train.config import compose_config
     from train.distributed import init_distributed, shutdown
     from train.flops import gpu_peak_flops
     from train.sampler import BatchSampler
     from train.trainer import Trainer
+    from train.validation import Environment
 
     on_gpu = check.device.type == "cuda"
     if preset != "bf16" and not on_gpu:
@@ -432,7 +432,7 @@ def stage_train(check: Check, preset: str) -> dict:
         if preset == "bf16":
             raise
         raise Skip(str(err)) from None
-    if cfg.precision.fp8.value != "none" and Fp8Environment.here().te_version is None:
+    if cfg.precision.fp8.value != "none" and Environment.here().te_version is None:
         raise Skip("Transformer Engine is not installed (pip install -e .[gpu])")
     world = init_distributed(cfg)
     try:

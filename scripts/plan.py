@@ -19,8 +19,10 @@ import sys
 from dataclasses import dataclass, replace
 
 from model.config import ConfigError, Dtype, Fp8Recipe, ModelConfig, Recompute, RecomputeMethod
-from train.config import Fp8Environment, ObjectiveKind, TrainConfig, compose_config
-from train.flops import PEAK_BF16, block_diffusion_pairs, causal_pairs, forward_flops
+from train.config import TrainConfig, compose_config
+from train.flops import PEAK_BF16, forward_flops
+from train.objectives import build_objective
+from train.validation import Environment, validate
 
 GB = 1e9
 
@@ -33,8 +35,8 @@ class Gpu:
     capability: tuple[int, int]  # CUDA compute capability (decides the FP8 recipes it runs)
 
     @property
-    def fp8_environment(self) -> Fp8Environment:
-        return Fp8Environment(capability=self.capability, gpu_name=self.name)
+    def environment(self) -> Environment:
+        return Environment(cuda=True, capability=self.capability, gpu_name=self.name)
 
 
 GPUS = {
@@ -135,48 +137,29 @@ class Layout:
 
 
 def layout(cfg: TrainConfig) -> Layout:
-    """The data-parallel size and micro-batch count the launch implies; raises ConfigError when the
-    trainer would refuse the layout."""
+    """The data-parallel size and micro-batch count of the launch cluster; raises ConfigError when
+    the trainer would refuse the layout there (``train.validation.validate`` on that world size)."""
     world = cfg.launch.nodes * cfg.launch.gpus_per_node
     if world < 1:
         raise ConfigError(
             "the planner needs the cluster: launch=4x8 (configs/launch) or launch.nodes=N "
             "launch.gpus_per_node=G"
         )
+    validate(cfg, world_size=world, environment=Environment(cuda=True))
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-    if world % (tp * pp):
-        raise ConfigError(
-            f"{world} GPUs are not divisible by parallel.tensor={tp} x parallel.pipeline={pp}; "
-            f"use a multiple of {tp * pp} GPUs"
-        )
     dp = world // (tp * pp)
-    mbs = cfg.micro_batch_size
-    if cfg.global_batch_size % (mbs * dp):
-        raise ConfigError(
-            f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size={mbs} x "
-            f"data-parallel size {dp}"
-        )
-    micro_batches = cfg.global_batch_size // (mbs * dp)
+    micro_batches = cfg.global_batch_size // (cfg.micro_batch_size * dp)
     vp = cfg.parallel.virtual_pipeline or 1
-    if vp > 1 and micro_batches % pp:
-        raise ConfigError(
-            f"the interleaved pipeline schedule needs the micro-batches per DP rank ({micro_batches}) "
-            f"to be a multiple of parallel.pipeline={pp}"
-        )
-    tokens = cfg.model_sequence_length * mbs
-    if cfg.parallel.sequence_parallel and tokens % tp:
-        raise ConfigError(
-            f"sequence parallelism splits the {tokens} tokens of a micro-batch over parallel.tensor={tp} "
-            "ranks; they must divide evenly"
-        )
     return Layout(world=world, tp=tp, pp=pp, vp=vp, dp=dp, micro_batches=micro_batches)
 
 
+def model_sequence_length(cfg: TrainConfig) -> int:
+    """Positions one sample feeds the model (the objective's answer for ``data.seq_length``)."""
+    return build_objective(cfg.objective).sequence_length(cfg.data.seq_length)
+
+
 def attention_pairs(cfg: TrainConfig) -> int:
-    L = cfg.data.seq_length
-    if cfg.objective.kind is ObjectiveKind.ar:
-        return causal_pairs(L)
-    return block_diffusion_pairs(L, cfg.objective.block_size, cfg.objective.clean_attention)
+    return build_objective(cfg.objective).attention_pairs(cfg.data.seq_length)
 
 
 # ---- memory ------------------------------------------------------------------------------------
@@ -260,7 +243,7 @@ def stage_memory(cfg: TrainConfig, shape: Layout, first: bool, last: bool) -> Me
         fp8_layers = max(0, layers - (2 * precision.fp8_bf16_first_last_layers) // shape.pp)
         fp8_weights = 2.0 * fp8_layers * layer_linear_parameters(model) / shape.tp
 
-    tokens = cfg.model_sequence_length * cfg.micro_batch_size
+    tokens = model_sequence_length(cfg) * cfg.micro_batch_size
     sp = parallel.sequence_parallel
     split_h = shape.tp if sp else 1
     full_layer = layer_activation_bytes(
@@ -326,7 +309,7 @@ class SampleFlops:
 def sample_flops(cfg: TrainConfig) -> SampleFlops:
     model, recompute = cfg.model, cfg.parallel.recompute
     pairs = attention_pairs(cfg)
-    parts = forward_flops(model, cfg.model_sequence_length, pairs)
+    parts = forward_flops(model, model_sequence_length(cfg), pairs)
     attention = model.num_layers * 2 * 2 * model.num_attention_heads * model.head_dim * pairs
     projections = parts["layers"] - attention
     passes = 3 + (1 if recompute is Recompute.full else 0)
@@ -388,7 +371,7 @@ def make_plan(cfg: TrainConfig, gpus: list[Gpu] | None = None, mfu: float = DEFA
     for gpu in gpus or list(GPUS.values()):
         problems = []
         try:
-            cfg.check_fp8(gpu.fp8_environment)  # the trainer's own check, against this GPU
+            validate(cfg, world_size=shape.world, environment=gpu.environment)  # the trainer's, on this GPU
         except ConfigError as err:
             problems.append(str(err))
         budget = USABLE * gpu.memory
@@ -422,7 +405,7 @@ def _si(value: float, unit: str = "") -> str:
 
 def report(plan: Plan) -> str:
     cfg, lay, params = plan.cfg, plan.layout, plan.parameters
-    L, tokens = cfg.data.seq_length, cfg.model_sequence_length
+    L, tokens = cfg.data.seq_length, model_sequence_length(cfg)
     lines = [
         f"model {cfg.model.name}: {params.total / 1e9:.3f} B parameters (embedding "
         f"{params.embedding / 1e6:.1f} M, {params.num_layers} layers x {params.layer / 1e6:.1f} M, output "

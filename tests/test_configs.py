@@ -7,7 +7,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from model.config import ConfigError
-from train.config import CONFIG_DIR, FP8_MIN_TE, Fp8Environment, TrainConfig, compose_config
+from train.config import CONFIG_DIR, TrainConfig, compose_config
+from train.validation import FP8_MIN_TE, Environment, validate
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 # The model and the launch cluster each experiment's header names ("local": no cluster).
@@ -236,12 +237,12 @@ def test_fp8_recipes_are_checked_against_transformer_engine_and_the_gpu(
     preset, te_version, capability, message
 ):
     cfg = compose_config([f"precision={preset}"])
-    environment = Fp8Environment(te_version=te_version, capability=capability)
+    environment = Environment(te_version=te_version, capability=capability)
     if message is None:
-        cfg.check_fp8(environment)
+        validate(cfg, environment=environment)
     else:
         with pytest.raises(ConfigError, match=message):
-            cfg.check_fp8(environment)
+            validate(cfg, environment=environment)
 
 
 def test_the_gpu_extra_asks_for_the_transformer_engine_every_recipe_needs():

@@ -280,7 +280,7 @@ ONE_NODE_WITHOUT_TP = ["launch=1x8", "parallel.tensor=1", "parallel.sequence_par
         ),
         (
             ["experiment=nld_8b_ar2dlm", "launch.nodes=1", "launch.gpus_per_node=6"],
-            r"6 GPUs are not divisible by parallel\.tensor=4 x parallel\.pipeline=1",
+            r"the world size 6 is not divisible by parallel\.tensor=4 x parallel\.pipeline=1",
         ),
         (
             ["experiment=nld_8b_ar2dlm", "global_batch_size=500"],

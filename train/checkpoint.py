@@ -51,8 +51,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from model.config import ModelConfig
-from train.config import ObjectiveKind, OnUnreadable
+from train.config import OnUnreadable
 from train.distributed import collective_device, from_rank0
+from train.objectives import ObjectiveKind
 
 log = logging.getLogger("tandem.checkpoint")
 

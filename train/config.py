@@ -1,15 +1,16 @@
-"""The root of Tandem's typed configuration, its Hydra registration, and start-up validation.
+"""The root of Tandem's typed configuration and its Hydra registration.
 
-Each package owns the dataclass of its knobs (``model.config``, ``data.config``); this module adds the
-run-level ones and assembles ``TrainConfig``. ``load_config`` turns a composed Hydra config into a
-validated ``TrainConfig``: the composed tree is re-merged onto a fresh schema, so a typo, a wrong
-type, a bad enum value or a key forced in with ``+key=`` fails before any work starts, naming the key.
+Each part owns the dataclass of its knobs (``model.config``, ``data.config``, the objective's in
+``train.objectives``); this module adds the run-level ones and assembles ``TrainConfig``.
+``load_config`` turns a composed Hydra config into a validated ``TrainConfig``: the composed tree is
+re-merged onto a fresh schema, so a typo, a wrong type, a bad enum value or a key forced in with
+``+key=`` fails before any work starts, naming the key; then every rule that spans fields
+(``train.validation.validate``) is checked.
 """
 
 from __future__ import annotations
 
 import enum
-import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,64 +20,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
-from model.config import ConfigError, Fp8Recipe, ModelConfig, ParallelConfig, PrecisionConfig
-from tandem_kernels.masks import CleanAttention
-from tandem_kernels.noise import MaskingKind
+from model.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from train.objectives import ObjectiveConfig
+from train.validation import validate
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-class ObjectiveKind(enum.Enum):
-    ar = "ar"  # plain causal LM over the clean sequence (length L)
-    diffusion = "diffusion"  # block diffusion: only the noisy half of [x_t ; x_0] carries loss
-    joint = "joint"  # AR loss on the clean half + diffusion loss on the noisy half, one forward
-
-
-@dataclass
-class ObjectiveConfig:
-    kind: ObjectiveKind = ObjectiveKind.joint
-    # Tokens per diffusion block (32 at inference in Nemotron-Labs-Diffusion, 64 in its joint recipe).
-    block_size: int = 32
-    # Clean-half self-attention: token-causal (NLD; the clean half is an AR LM) or block-causal (BD3-LM).
-    clean_attention: CleanAttention = CleanAttention.causal
-    ar_weight: float = 1.0
-    diffusion_weight: float = 0.3
-    # The [MASK] token id; None -> the tokenizer's mask token.
-    mask_token_id: int | None = None
-    # Minimum masking probability: p = (1 - eps) * t + eps, t ~ U(t_min, t_max).
-    eps: float = 1e-3
-    # sequence: one t per sequence (NLD); block: one t per block (BD3-LM); position: later positions
-    # masked more (Efficient-DLM); full: everything masked, p = 1 (one-pass drafter, TiDAR).
-    masking: MaskingKind = MaskingKind.sequence
-    # Clipped noise levels (BD3-LM); with resample, units whose realised mask rate falls outside
-    # [t_min, t_max] are drawn again.
-    t_min: float = 0.0
-    t_max: float = 1.0
-    resample: bool = False
-    # position masking: the mask weight halves every half_life_ratio * block_size positions.
-    half_life_ratio: float = 0.25
-    # Fraction of sequences whose noisy copy is fully masked (trains one-pass drafting).
-    drafter_fraction: float = 0.0
-
-    def validate(self) -> None:
-        if self.block_size < 1:
-            raise ConfigError(f"objective.block_size={self.block_size} must be >= 1")
-        if not 0 < self.eps < 1:
-            raise ConfigError(f"objective.eps={self.eps} must be in (0, 1)")
-        if not 0 <= self.t_min < self.t_max <= 1:
-            raise ConfigError(
-                f"objective.t_min={self.t_min} and objective.t_max={self.t_max} must satisfy "
-                "0 <= t_min < t_max <= 1"
-            )
-        if not 0 <= self.drafter_fraction <= 1:
-            raise ConfigError(f"objective.drafter_fraction={self.drafter_fraction} must be in [0, 1]")
-        if self.half_life_ratio <= 0:
-            raise ConfigError(f"objective.half_life_ratio={self.half_life_ratio} must be positive")
-        if self.ar_weight < 0 or self.diffusion_weight < 0:
-            raise ConfigError(
-                f"objective.ar_weight={self.ar_weight} and objective.diffusion_weight="
-                f"{self.diffusion_weight} must be >= 0"
-            )
 
 
 class LrSchedule(enum.Enum):
@@ -158,49 +106,6 @@ class LaunchConfig:
     gpus_per_node: int = 0
 
 
-# The first Transformer Engine release that runs each FP8 recipe (megatron.core asks for the same).
-FP8_MIN_TE = {
-    Fp8Recipe.delayed: "2.0",
-    Fp8Recipe.mxfp8: "2.1",
-    Fp8Recipe.tensorwise: "2.2",
-    Fp8Recipe.blockwise: "2.3",
-}
-# The first compute capability with each recipe's FP8 GEMMs: per-tensor scaling from Ada/Hopper,
-# 1x128 blocks from Hopper, MXFP8 from Blackwell.
-FP8_MIN_CAPABILITY = {
-    Fp8Recipe.delayed: (8, 9),
-    Fp8Recipe.tensorwise: (8, 9),
-    Fp8Recipe.blockwise: (9, 0),
-    Fp8Recipe.mxfp8: (10, 0),
-}
-
-
-@dataclass(frozen=True)
-class Fp8Environment:
-    """What decides whether an FP8 recipe can run: the Transformer Engine release and the GPU."""
-
-    te_version: str | None = None  # None: Transformer Engine is not installed (not checked)
-    capability: tuple[int, int] | None = None  # None: no GPU to check against
-    gpu_name: str = "this GPU"
-
-    @classmethod
-    def here(cls) -> Fp8Environment:
-        """This machine's (read without CUDA initialisation beyond the device query, and before any
-        process group exists)."""
-        te_version = None
-        for name in ("transformer_engine", "transformer-engine"):
-            try:
-                te_version = importlib.metadata.version(name)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-        import torch
-
-        if not torch.cuda.is_available():
-            return cls(te_version=te_version)
-        return cls(te_version, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
-
-
 @dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
@@ -219,132 +124,6 @@ class TrainConfig:
     seed: int = 1234
     # Everything a run writes (logs, checkpoints, plots); shared by all ranks.
     run_dir: str = "runs/default"
-
-    @property
-    def model_sequence_length(self) -> int:
-        """Positions one sample feeds the model: L for AR, 2L (``[x_t ; x_0]``) for the diffusion
-        objectives."""
-        L = self.data.seq_length
-        return L if self.objective.kind is ObjectiveKind.ar else 2 * L
-
-    def validate(self, environment: Fp8Environment | None = None) -> None:
-        """Every group's own checks, then the checks that span groups, then FP8 against
-        ``environment`` (default: this machine's Transformer Engine and GPU)."""
-        for group in (self.model, self.objective, self.parallel, self.precision, self.optim):
-            group.validate()
-        try:
-            self.data.validate()
-        except ConfigError:
-            raise
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        model, parallel = self.model, self.parallel
-        tp, pp = parallel.tensor, parallel.pipeline
-        for name in ("num_attention_heads", "query_groups", "ffn_hidden_size", "padded_vocab_size"):
-            value = getattr(model, name)
-            if value % tp:
-                key = "num_query_groups" if name == "query_groups" else name
-                raise ConfigError(
-                    f"model.{key}={value} is not divisible by parallel.tensor={tp}; "
-                    f"choose parallel.tensor among the divisors of {value}"
-                )
-        stages = pp * (parallel.virtual_pipeline or 1)
-        if model.num_layers % stages:
-            raise ConfigError(
-                f"model.num_layers={model.num_layers} is not divisible by parallel.pipeline={pp}"
-                + (
-                    f" x parallel.virtual_pipeline={parallel.virtual_pipeline}"
-                    if parallel.virtual_pipeline
-                    else ""
-                )
-            )
-        if self.data.seq_length % self.objective.block_size:
-            raise ConfigError(
-                f"data.seq_length={self.data.seq_length} is not a multiple of "
-                f"objective.block_size={self.objective.block_size}"
-            )
-        if self.data.seq_length > model.max_position_embeddings:
-            raise ConfigError(
-                f"data.seq_length={self.data.seq_length} exceeds "
-                f"model.max_position_embeddings={model.max_position_embeddings}"
-            )
-        for name in ("steps", "global_batch_size", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(
-                f"global_batch_size={self.global_batch_size} is not a multiple of "
-                f"micro_batch_size={self.micro_batch_size}"
-            )
-        if (
-            self.objective.mask_token_id is not None
-            and not 0 <= self.objective.mask_token_id < model.vocab_size
-        ):
-            raise ConfigError(
-                f"objective.mask_token_id={self.objective.mask_token_id} is outside the vocabulary "
-                f"[0, model.vocab_size={model.vocab_size})"
-            )
-        self.check_fp8(environment if environment is not None else Fp8Environment.here())
-
-    def check_fp8(self, environment: Fp8Environment) -> None:
-        """The FP8 rules megatron.core and Transformer Engine enforce only once the model is built (after
-        the process groups are up): recipe vs BF16 first/last layers, layer counts, GEMM alignment, the
-        installed TE release and the GPU. The planner asks the same function about its target GPUs."""
-        precision, model, parallel = self.precision, self.model, self.parallel
-        recipe, edge_layers = precision.fp8, precision.fp8_bf16_first_last_layers
-        if edge_layers < 0:
-            raise ConfigError(f"precision.fp8_bf16_first_last_layers={edge_layers} must be >= 0")
-        if recipe is Fp8Recipe.none:
-            return
-        if edge_layers > 0 and recipe is Fp8Recipe.delayed:
-            raise ConfigError(
-                f"precision.fp8_bf16_first_last_layers={edge_layers} does not work with "
-                "precision.fp8=delayed (megatron.core keeps no BF16 layers under delayed scaling); use "
-                "precision.fp8=tensorwise or precision.fp8_bf16_first_last_layers=0"
-            )
-        per_stage = model.num_layers // parallel.pipeline
-        if edge_layers > per_stage:
-            raise ConfigError(
-                f"precision.fp8_bf16_first_last_layers={edge_layers} exceeds the {per_stage} layers of a "
-                f"pipeline stage (model.num_layers={model.num_layers} / "
-                f"parallel.pipeline={parallel.pipeline})"
-            )
-        # FP8 GEMMs need every dimension aligned: 16 for per-tensor and block scaling, 32 for MXFP8.
-        align = 32 if recipe is Fp8Recipe.mxfp8 else 16
-        tp = parallel.tensor
-        tokens = self.model_sequence_length * self.micro_batch_size
-        dims = {
-            "the tokens of a micro-batch per rank": tokens // (tp if parallel.sequence_parallel else 1),
-            "model.hidden_size": model.hidden_size,
-            "model.ffn_hidden_size / parallel.tensor": model.ffn_hidden_size // tp,
-            "the attention width (heads x head_dim) / parallel.tensor": model.num_attention_heads
-            * model.head_dim
-            // tp,
-        }
-        for name, value in dims.items():
-            if value % align:
-                raise ConfigError(
-                    f"precision.fp8={recipe.value} needs GEMM dimensions divisible by {align}; {name} is "
-                    f"{value}"
-                )
-        needed = FP8_MIN_TE[recipe]
-        if environment.te_version is not None:
-            from packaging.version import Version
-
-            if Version(environment.te_version).release < Version(needed).release:
-                raise ConfigError(
-                    f"precision.fp8={recipe.value} needs Transformer Engine >= {needed}, this environment "
-                    f"has {environment.te_version}; pip install 'transformer-engine[pytorch]>={needed}' or "
-                    "choose another precision.fp8"
-                )
-        wanted = FP8_MIN_CAPABILITY[recipe]
-        if environment.capability is not None and tuple(environment.capability) < wanted:
-            have = ".".join(map(str, environment.capability))
-            raise ConfigError(
-                f"precision.fp8={recipe.value} does not run on {environment.gpu_name} (compute capability "
-                f"{have}; it needs {wanted[0]}.{wanted[1]} or newer"
-                + (": Blackwell, e.g. B200)" if recipe is Fp8Recipe.mxfp8 else ": Hopper or newer)")
-            )
 
 
 def register_configs() -> None:
@@ -380,7 +159,7 @@ def load_config(cfg: DictConfig) -> TrainConfig:
         train = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err)) from None
-    train.validate()
+    validate(train)
     return train
 
 

@@ -1,7 +1,7 @@
 """Process groups from torchrun's environment: gloo on CPU, NCCL on GPU, then megatron's TP/PP/DP groups.
 
-A plain ``python -m train`` (no torchrun) runs as a world of one. The layout is checked against the
-world size before any group is made, with the numbers in the message.
+A plain ``python -m train`` (no torchrun) runs as a world of one. The configuration is validated
+against the world size (``train.validation.validate``) before any group is made.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from model import cpu
-from model.config import ConfigError
 from train.config import TrainConfig
+from train.validation import validate
 
 T = TypeVar("T")
 
@@ -51,32 +51,11 @@ def init_distributed(cfg: TrainConfig) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    validate(cfg, world_size=size)
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-    if size % (tp * pp):
-        raise ConfigError(
-            f"the world size {size} is not divisible by parallel.tensor={tp} x parallel.pipeline={pp}; "
-            f"launch a multiple of {tp * pp} processes"
-        )
-    expected = cfg.launch.nodes * cfg.launch.gpus_per_node
-    if expected and expected != size:
-        raise ConfigError(
-            f"launch.nodes={cfg.launch.nodes} x launch.gpus_per_node={cfg.launch.gpus_per_node} = {expected} "
-            f"but torchrun started WORLD_SIZE={size} processes"
-        )
-    dp_size = size // (tp * pp)
-    if cfg.global_batch_size % (cfg.micro_batch_size * dp_size):
-        raise ConfigError(
-            f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size="
-            f"{cfg.micro_batch_size} x data-parallel size {dp_size}"
-        )
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         cpu.enable()
-        if cfg.parallel.distributed_optimizer:
-            raise ConfigError(
-                "parallel.distributed_optimizer=true needs CUDA (its resume is not exact on the CPU fallback "
-                "optimizer); use parallel.distributed_optimizer=false on CPU"
-            )
     if not dist.is_initialized():
         if on_gpu:
             torch.cuda.set_device(local_rank)

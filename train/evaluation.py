@@ -30,10 +30,10 @@ from data.tokenizer import load_tokenizer_info
 from model.evaluation import TandemLM
 from tandem_kernels import masks
 from tandem_kernels.noise import mask_seed
-from train.config import ObjectiveKind, TrainConfig
+from train.config import TrainConfig
 from train.hf import export_checkpoint
 from train.metrics import summarise
-from train.objectives import build_objective, reduce
+from train.objectives import ObjectiveKind, build_objective, reduce
 
 
 def is_export(path: str | Path) -> bool:

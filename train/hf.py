@@ -47,7 +47,8 @@ from model.hf_config import HF_DTYPES, MODEL_TYPE, model_from_hf, nld_config
 from model.megatron import build_model
 from tandem_kernels.masks import CleanAttention
 from train import checkpoint as ckpt
-from train.config import ObjectiveConfig, TrainConfig
+from train.config import TrainConfig
+from train.objectives import ObjectiveConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # Export file name -> source in this repository.

@@ -23,16 +23,70 @@ Legend: B batch, L clean length, S model sequence (L or 2L).
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from model.config import ConfigError
 from tandem_kernels import masks
 from tandem_kernels.masks import CleanAttention, MaskMod
-from tandem_kernels.noise import Masking
-from train.config import ObjectiveConfig, ObjectiveKind
+from tandem_kernels.noise import Masking, MaskingKind
 from train.flops import block_diffusion_pairs, causal_pairs
+
+
+class ObjectiveKind(enum.Enum):
+    ar = "ar"  # plain causal LM over the clean sequence (length L)
+    diffusion = "diffusion"  # block diffusion: only the noisy half of [x_t ; x_0] carries loss
+    joint = "joint"  # AR loss on the clean half + diffusion loss on the noisy half, one forward
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: ObjectiveKind = ObjectiveKind.joint
+    # Tokens per diffusion block (32 at inference in Nemotron-Labs-Diffusion, 64 in its joint recipe).
+    block_size: int = 32
+    # Clean-half self-attention: token-causal (NLD; the clean half is an AR LM) or block-causal (BD3-LM).
+    clean_attention: CleanAttention = CleanAttention.causal
+    ar_weight: float = 1.0
+    diffusion_weight: float = 0.3
+    # The [MASK] token id; None -> the tokenizer's mask token.
+    mask_token_id: int | None = None
+    # Minimum masking probability: p = (1 - eps) * t + eps, t ~ U(t_min, t_max).
+    eps: float = Masking.eps
+    # sequence: one t per sequence (NLD); block: one t per block (BD3-LM); position: later positions
+    # masked more (Efficient-DLM); full: everything masked, p = 1 (one-pass drafter, TiDAR).
+    masking: MaskingKind = MaskingKind.sequence
+    # Clipped noise levels (BD3-LM); with resample, units whose realised mask rate falls outside
+    # [t_min, t_max] are drawn again.
+    t_min: float = Masking.t_min
+    t_max: float = Masking.t_max
+    resample: bool = Masking.resample
+    # position masking: the mask weight halves every half_life_ratio * block_size positions.
+    half_life_ratio: float = Masking.half_life_ratio
+    # Fraction of sequences whose noisy copy is fully masked (trains one-pass drafting).
+    drafter_fraction: float = Masking.drafter_fraction
+
+    def validate(self) -> None:
+        if self.block_size < 1:
+            raise ConfigError(f"objective.block_size={self.block_size} must be >= 1")
+        if not 0 < self.eps < 1:
+            raise ConfigError(f"objective.eps={self.eps} must be in (0, 1)")
+        if not 0 <= self.t_min < self.t_max <= 1:
+            raise ConfigError(
+                f"objective.t_min={self.t_min} and objective.t_max={self.t_max} must satisfy "
+                "0 <= t_min < t_max <= 1"
+            )
+        if not 0 <= self.drafter_fraction <= 1:
+            raise ConfigError(f"objective.drafter_fraction={self.drafter_fraction} must be in [0, 1]")
+        if self.half_life_ratio <= 0:
+            raise ConfigError(f"objective.half_life_ratio={self.half_life_ratio} must be positive")
+        if self.ar_weight < 0 or self.diffusion_weight < 0:
+            raise ConfigError(
+                f"objective.ar_weight={self.ar_weight} and objective.diffusion_weight="
+                f"{self.diffusion_weight} must be >= 0"
+            )
 
 
 class Batch(Protocol):

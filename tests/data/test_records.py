@@ -144,7 +144,8 @@ def test_a_vocabulary_the_corpus_cannot_fill_is_refused(tmp_path):
 
 
 def test_the_records_demo_recipe_composes_onto_the_records_data():
-    from train.config import ObjectiveKind, compose_config
+    from train.config import compose_config
+    from train.objectives import ObjectiveKind
 
     cfg = compose_config(["experiment=records_demo"])
     assert cfg.objective.kind is ObjectiveKind.joint

@@ -28,8 +28,9 @@ from model.megatron import build_model
 from tests.conftest import run_torchrun
 from tests.factories import tiny_model
 from train import checkpoint as ckpt
-from train.config import ObjectiveConfig, TrainConfig
+from train.config import TrainConfig
 from train.hf import export_checkpoint, find_checkpoint, import_hf, load_megatron_state
+from train.objectives import ObjectiveConfig
 
 # The tiny model of these tests: 2 layers, a vocabulary padded from 300 to 384 rows, QK-norm on.
 TINY = dict(name="convert-test", max_position_embeddings=128, qk_layernorm=True)

@@ -28,8 +28,9 @@ from tests.model.reference_decoding import (
     reference_self_speculation,
 )
 from train import checkpoint as ckpt
-from train.config import ObjectiveConfig, TrainConfig
+from train.config import TrainConfig
 from train.hf import REMOTE_CODE, export_checkpoint, find_checkpoint, import_hf, load_megatron_state
+from train.objectives import ObjectiveConfig
 
 YARN = RopeConfig(
     rope_type=RopeType.yarn,
