@@ -1,23 +1,25 @@
-"""Shared fixtures: a single-process gloo group for megatron.core, and a torchrun launcher."""
+"""Shared fixtures and process helpers: a single-process gloo group for megatron.core, the torchrun
+command line, and warm forks (a trainer start, or the ranks of a gloo world, without paying for a fresh
+interpreter's imports)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import multiprocessing
 import os
-import socket
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +29,7 @@ def megatron_single():
     from megatron.core import parallel_state
 
     from model import cpu
+    from train.distributed import free_port
 
     cpu.enable()
     if not dist.is_initialized():
@@ -34,30 +37,6 @@ def megatron_single():
     parallel_state.initialize_model_parallel(1, 1)
     yield
     parallel_state.destroy_model_parallel()
-
-
-def run_torchrun(script: Path, nproc: int, *args: str, timeout: int = 240) -> str:
-    """Run ``script`` under torchrun on this machine; return its stdout, fail with its output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        str(script),
-        *args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"torchrun {script.name} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
-        )
-    return proc.stdout
 
 
 def pytest_collection_modifyitems(config, items):
@@ -108,3 +87,244 @@ def smollm2_hf(tmp_path_factory) -> Path:
     from scripts.prepare_smollm2 import hf_folder
 
     return hf_folder(tmp_path_factory.mktemp("smollm2") / "hf")
+
+
+# ---- fresh interpreters: for tests about a launcher or a process's own start-up -------------------
+
+
+def torchrun_command(nproc: int, *target: str) -> list[str]:
+    """``python -m torch.distributed.run`` with ``nproc`` processes on this machine and a free port;
+    ``target`` is what torchrun runs: a script and its arguments, or ``-m``, a module and its arguments."""
+    from train.distributed import free_port
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *target,
+    ]
+
+
+def process_env(**extra: str) -> dict[str, str]:
+    """The environment of a fresh interpreter the suite starts: one thread each (two run at once on
+    the 2 cores), the repository importable, no warnings."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore", **extra)
+
+
+def run_torchrun(script: Path, nproc: int, *args: str, timeout: int = 240) -> str:
+    """Run ``script`` under torchrun on this machine; return its stdout, fail with its output."""
+    cmd = torchrun_command(nproc, str(script), *args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=process_env(), cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun {script.name} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+        )
+    return proc.stdout
+
+
+# ---- warm forks ----------------------------------------------------------------------------------
+#
+# A fresh interpreter pays about 5 s (more on a loaded machine) importing torch and megatron.core
+# before any work. Children forked from one warm process pay it once per session: multiprocessing's
+# fork server, started on first use with these modules imported. Forking this (pytest's) process
+# instead would hand the child whatever process group a test here holds (``megatron_single``).
+
+WARM_MODULES = [
+    "tests.conftest",
+    "train.__main__",
+    "train.loop",
+    # What a trainer start imports on its way (measured: about 1 s a start when left to each child).
+    "hydra._internal.core_plugins.basic_launcher",
+    "hydra._internal.core_plugins.basic_sweeper",
+    "hydra._internal.core_plugins.bash_completion",
+    "hydra._internal.core_plugins.fish_completion",
+    "hydra._internal.core_plugins.zsh_completion",
+    "hydra._internal.core_plugins.file_config_source",
+    "hydra._internal.core_plugins.importlib_resources_config_source",
+    "hydra._internal.core_plugins.structured_config_source",
+    "transformers.models.auto.tokenization_auto",
+    "sentencepiece",
+    "megatron.core.datasets.blended_megatron_dataset_builder",
+    "megatron.core.datasets.gpt_dataset",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "psutil",
+    "matplotlib.pyplot",
+    "matplotlib.backends.backend_agg",
+    "PIL.PngImagePlugin",
+]
+# Each child runs as the suite's fresh interpreters did (process_env): one thread, no warnings.
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MPLBACKEND": "Agg"}
+
+
+@functools.cache
+def _fork_server() -> multiprocessing.context.BaseContext:
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WARM_MODULES)
+    saved = dict(os.environ)
+    os.environ.update(CHILD_ENV)
+    try:
+        forkserver.ensure_running()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return context
+
+
+def fork(
+    target: Callable[[], int | None],
+    log: Path,
+    env: dict[str, str] | None = None,
+    hook: Callable[[], None] | None = None,
+) -> multiprocessing.process.BaseProcess:
+    """Start ``target()`` in a child forked from the warm process: its own process group (a kill of
+    the group takes any processes it starts along), cwd the repository, stdout and stderr to ``log``,
+    ``env`` added to its environment, ``hook()`` first. Its exit code is what ``target`` returns (0
+    for None) or exits with. ``target`` and ``hook`` must pickle: module-level functions, or
+    ``functools.partial`` of them."""
+    process = _fork_server().Process(target=_child, args=(target, log, env or {}, hook))
+    process.start()
+    return process
+
+
+def _child(target, log: Path, env: dict[str, str], hook) -> None:
+    code = 97
+    try:
+        os.setpgid(0, 0)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.chdir(REPO)
+        os.environ.update(env)
+        torch.set_num_threads(1)
+        if hook is not None:
+            hook()
+        try:
+            code = target() or 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        _report_leftovers()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 98
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _report_leftovers() -> None:
+    """What would keep a process from exiting, or leave peers waiting: printed for the parent."""
+    import threading
+
+    import torch.distributed as dist
+
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if threads:
+        print(f"LEFTOVER non-daemon threads: {threads}", file=sys.stderr)
+    if dist.is_initialized():
+        print("LEFTOVER process group still initialised", file=sys.stderr)
+
+
+def command(main: Callable[[], int | None], *argv: str) -> Callable[[], int | None]:
+    """``main()`` as its command line would run it, with ``sys.argv`` = [program, *argv]."""
+    return functools.partial(_with_argv, main, list(argv))
+
+
+def _with_argv(main, argv: list[str]) -> int | None:
+    sys.argv = [main.__module__, *argv]
+    return main()
+
+
+def trainer(*argv: str) -> Callable[[], int | None]:
+    """``python -m train ARGV``: the real CLI (Hydra, the one-line errors, the exit codes)."""
+    from train.__main__ import main
+
+    return command(main, *argv)
+
+
+def world_env(rank: int, size: int, port: int) -> dict[str, str]:
+    """What torchrun sets for one of ``size`` ranks on this machine."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(size),
+        "LOCAL_WORLD_SIZE": str(size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
+def kill_group(process: multiprocessing.process.BaseProcess) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.kill()  # in case it was killed before it made its own group
+
+
+def wait(
+    processes: list[multiprocessing.process.BaseProcess], timeout: float
+) -> tuple[list[int | None], float]:
+    """Exit codes of ``processes`` (None: still running after ``timeout`` s, then killed with their
+    groups) and the seconds taken."""
+    began = time.monotonic()
+    for process in processes:
+        process.join(max(0.0, timeout - (time.monotonic() - began)))
+    seconds = time.monotonic() - began
+    codes = [process.exitcode for process in processes]
+    for process in processes:
+        if process.exitcode is None:
+            kill_group(process)
+            process.join()
+    return codes, seconds
+
+
+def _read(log: Path) -> str:
+    return (
+        log.read_text(errors="replace")
+        if log.exists()
+        else "(no output: the child ended before it opened its log)"
+    )
+
+
+@dataclass
+class Finished:
+    """One forked rank after it ended: its exit code (None: killed at the deadline) and output."""
+
+    code: int | None
+    output: str
+
+
+def run_ranks(
+    target: Callable[[], int | None],
+    nproc: int,
+    logs: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+    check: bool = True,
+) -> list[Finished]:
+    """``target`` on the ``nproc`` forked ranks of one world (torchrun's environment on a free port),
+    rank r's output in ``logs``.r.log. ``check``: fail unless every rank exits 0, with their output."""
+    from train.distributed import free_port
+
+    port = free_port()
+    paths = [logs.with_name(f"{logs.name}.{rank}.log") for rank in range(nproc)]
+    processes = [
+        fork(target, log=path, env={**(env or {}), **world_env(rank, nproc, port)})
+        for rank, path in enumerate(paths)
+    ]
+    codes, _ = wait(processes, timeout)
+    finished = [Finished(code, _read(path)) for code, path in zip(codes, paths, strict=True)]
+    if check and any(f.code != 0 for f in finished):
+        report = "\n".join(f"rank {r} exit {f.code}:\n{f.output[-6000:]}" for r, f in enumerate(finished))
+        raise AssertionError(f"{nproc} forked rank(s) failed:\n{report}")
+    return finished

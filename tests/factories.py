@@ -14,6 +14,20 @@ SMALL_MODEL = [
     "data.seq_length=64",
     "objective.block_size=16",
 ]
+# SMALL_MODEL on the demo data with a small batch, a loss per step in metrics.jsonl, a constant learning
+# rate after two warmup steps (so a run's trajectory does not depend on its total step count) and no
+# checkpoints unless asked for: the trainer tests' runs (a later override of the same key wins).
+SMALL_RUN = [
+    *SMALL_MODEL,
+    "global_batch_size=8",
+    "micro_batch_size=4",
+    "logging.interval=1",
+    "logging.eval_interval=0",
+    "logging.tensorboard=false",
+    "optim.warmup_steps=2",
+    "optim.schedule=constant",
+    "checkpoint.interval=0",
+]
 
 
 def tiny_model(**overrides) -> ModelConfig:

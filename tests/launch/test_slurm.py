@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
-from tests.train.test_trainer import SMALL
+from tests.conftest import REPO
+from tests.factories import SMALL_RUN
 
 SBATCH = REPO / "launch" / "slurm.sbatch"
 JOB_ID = "4242"
@@ -64,6 +64,8 @@ else:
 @pytest.fixture
 def cluster(tmp_path) -> dict[str, str]:
     """The environment of a one-node job with 2 "GPUs", submitted from tmp_path/submit."""
+    from train.distributed import free_port
+
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
@@ -93,7 +95,7 @@ def cluster(tmp_path) -> dict[str, str]:
 def sbatch(env: dict[str, str], *overrides: str) -> subprocess.Popen:
     """`bash launch/slurm.sbatch` as slurmd runs it: from the submit directory."""
     return subprocess.Popen(
-        ["bash", str(SBATCH), *SMALL, "run_dir=run", *overrides],
+        ["bash", str(SBATCH), *SMALL_RUN, "run_dir=run", *overrides],
         cwd=env["SLURM_SUBMIT_DIR"],
         env=env,
         stdout=subprocess.PIPE,
@@ -128,6 +130,8 @@ def test_walltime_signal_saves_and_the_requeued_job_resumes(cluster, demo_data):
     assert "stopping at step" in output
     assert (run_dir / "checkpoints" / f"iter_{stopped_at:07d}").is_dir()
     assert (Path(cluster["FAKE_SLURM_LOG"])).read_text().split() == ["requeue", JOB_ID]
+
+    from train.distributed import free_port
 
     requeued = sbatch(dict(cluster, SLURM_RESTART_COUNT="1", RDZV_PORT=str(free_port())), "steps=40")
     output, _ = requeued.communicate(timeout=240)

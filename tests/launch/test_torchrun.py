@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.train.test_trainer import SMALL
+from tests.factories import SMALL_RUN
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def test_torchrun_launcher_trains_with_two_processes(demo_data, tmp_path):
         PYTHONWARNINGS="ignore",
     )
     proc = subprocess.run(
-        ["bash", str(REPO / "launch" / "torchrun.sh"), *SMALL, "run_dir=run", "steps=2"],
+        ["bash", str(REPO / "launch" / "torchrun.sh"), *SMALL_RUN, "run_dir=run", "steps=2"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

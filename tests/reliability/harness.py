@@ -1,10 +1,10 @@
-"""Fault injection on the real trainer, many starts per Python process.
+"""Fault injection on the real trainer: every trainer start a child forked from one warm process.
 
-``python -m tests.reliability.harness PART WORKDIR REPORT`` imports the trainer once, then runs each
-trainer start of PART in a forked child that calls ``train.__main__.main()`` exactly as
-``python -m train`` does (Hydra, the one-line errors, the exit code), only without paying for the
-imports again. The parent watches each child against a deadline (a child past it counts as a hang and
-is killed) and writes what it saw to REPORT (JSON) for ``test_faults.py`` to judge.
+Each start of a part runs ``train.__main__.main()`` exactly as ``python -m train`` does (Hydra, the
+one-line errors, the exit code) in a child of ``tests/conftest.py``'s fork server, which imported the
+trainer once for the whole session. This process watches each child against a deadline (a child past
+it counts as a hang and is killed) and collects what it saw (``collect``) for ``test_faults.py`` to
+judge.
 
 Crashes are injected inside the child by wrappers around the file-system calls a save makes in the
 trainer process (``open`` for writing, ``os.fsync``, ``os.replace``/``rename``, ``os.mkdir``,
@@ -15,105 +15,52 @@ it and the ``latest`` update, inside ``latest``'s own temp-file-and-rename). Oth
 seeded delay into a save instead, while megatron's writer processes are writing the shards (no
 file-system call of the trainer process happens then). A disk-full fault is the same wrapper raising
 ``ENOSPC`` from the writes of one chosen file of a save after a seeded number of bytes.
+
+The losses compared are the ones a user sees: the run folder's ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
 import builtins
-import contextlib
 import errno
+import functools
 import io
-import json
 import os
 import random
 import shutil
 import signal
-import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-# The trainer tests' small model and batch (a later override of the same key wins).
-from tests.train.test_trainer import SMALL
+from tests.conftest import fork, kill_group, trainer, wait, world_env
+from tests.factories import SMALL_RUN
+from train.distributed import free_port
+from train.logger import read_metrics
 
 DEADLINE_S = 60.0
-EVENTS = "events.log"  # what a child did, one line per event, written unbuffered (it may be killed)
 
 
 # ---- children ------------------------------------------------------------------------------------
 
 
-def start(argv: list[str], log: Path, env: dict[str, str] | None = None, hook=None) -> int:
-    """Fork a trainer start on ``argv`` (its own process group, output to ``log``); returns its pid."""
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 97
-    try:
-        os.setpgid(0, 0)
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.environ.update(env or {})
-        sys.argv = ["train", *argv]
-        if hook is not None:
-            hook()
-        from train.__main__ import main
-
-        try:
-            main()
-            code = 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
-        _report_leftovers()
-    except BaseException:
-        traceback.print_exc()
-        code = 98
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-def _report_leftovers() -> None:
-    """What would keep a process from exiting, or leave peers waiting: printed for the parent."""
-    import torch.distributed as dist
-
-    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if threads:
-        print(f"LEFTOVER non-daemon threads: {threads}", file=sys.stderr)
-    if dist.is_initialized():
-        print("LEFTOVER process group still initialised", file=sys.stderr)
-
-
-def wait(pids: list[int], deadline_s: float = DEADLINE_S) -> tuple[list[int | None], float]:
-    """Exit codes of ``pids`` (None: still running at the deadline, then killed) and the seconds taken."""
-    began, codes = time.monotonic(), {}
-    while len(codes) < len(pids) and time.monotonic() - began < deadline_s:
-        for pid in pids:
-            if pid not in codes:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    codes[pid] = os.waitstatus_to_exitcode(status)
-        time.sleep(0.02)
-    for pid in pids:
-        if pid not in codes:
-            kill_group(pid)
-            os.waitpid(pid, 0)
-    return [codes.get(pid) for pid in pids], time.monotonic() - began
-
-
 @dataclass
 class Start:
-    """One trainer start: its command line, log file, environment and in-child hook."""
+    """One trainer start: its command line, log file, data folder ($TANDEM_DATA), further environment
+    and in-child hook."""
 
     argv: list[str]
     log: Path
+    data: Path
     env: dict[str, str] | None = None
     hook: Callable[[], None] | None = None
+
+    def __call__(self) -> BaseProcess:
+        env = {"TANDEM_DATA": str(self.data), **(self.env or {})}
+        return fork(trainer(*self.argv), log=self.log, env=env, hook=self.hook)
 
 
 def run_groups(groups: list[list[Start]], width: int = 2) -> list[tuple[list[int | None], float]]:
@@ -122,56 +69,31 @@ def run_groups(groups: list[list[Start]], width: int = 2) -> list[tuple[list[int
     results: list = [None] * len(groups)
     queue, running = list(enumerate(groups)), {}
     while queue or running:
-        busy = sum(len(pids) for pids, _, _ in running.values())
+        busy = sum(len(children) for children, _ in running.values())
         while queue and (not running or busy + len(queue[0][1]) <= width):
             index, group = queue.pop(0)
-            running[index] = ([start(s.argv, s.log, s.env, s.hook) for s in group], time.monotonic(), {})
+            running[index] = ([start() for start in group], time.monotonic())
             busy += len(group)
-        for index, (pids, began, codes) in list(running.items()):
-            for pid in pids:
-                if pid not in codes:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                    if done:
-                        codes[pid] = os.waitstatus_to_exitcode(status)
-            if len(codes) == len(pids) or time.monotonic() - began >= DEADLINE_S:
-                for pid in set(pids) - set(codes):
-                    kill_group(pid)
-                    os.waitpid(pid, 0)
-                results[index] = ([codes.get(pid) for pid in pids], time.monotonic() - began)
+        for index, (children, began) in list(running.items()):
+            if all(c.exitcode is not None for c in children) or time.monotonic() - began >= DEADLINE_S:
+                codes = [c.exitcode for c in children]
+                for child in children:
+                    if child.exitcode is None:
+                        kill_group(child)
+                    child.join()
+                results[index] = (codes, time.monotonic() - began)
                 del running[index]
         time.sleep(0.02)
     return results
 
 
-def run_one(start_: Start) -> tuple[int | None, float]:
-    ((code,), seconds) = run_groups([[start_]])[0]
+def run_one(start: Start) -> tuple[int | None, float]:
+    ((code,), seconds) = run_groups([[start]])[0]
     return code, seconds
 
 
-def kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-
-
 def run_dir_args(run_dir: Path, *overrides: str) -> list[str]:
-    return [*SMALL, f"run_dir={run_dir}", *overrides]
-
-
-def world_env(rank: int, size: int, port: int) -> dict[str, str]:
-    return {
-        "RANK": str(rank),
-        "LOCAL_RANK": str(rank),
-        "WORLD_SIZE": str(size),
-        "LOCAL_WORLD_SIZE": str(size),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }
-
-
-def free_port() -> int:
-    from tests.conftest import free_port as port
-
-    return port()
+    return [*SMALL_RUN, f"run_dir={run_dir}", *overrides]
 
 
 def outcome(log: Path, code: int | None, seconds: float) -> dict:
@@ -194,24 +116,15 @@ def _is_error_line(line: str) -> bool:
     )
 
 
-def record_results(path: Path):
-    """A hook: the child writes its RunResult (step reached, per-step losses) to ``path``."""
+def metrics_rows(run_dir: Path) -> int:
+    """How many rows the run folder's metrics.jsonl holds (those a later start appends come after)."""
+    return len(read_metrics(run_dir / "metrics.jsonl"))
 
-    def hook():
-        import train.loop
 
-        original = train.loop.run
-
-        def run(cfg):
-            result = original(cfg)
-            first = result.step - len(result.train_losses) + 1
-            losses = {str(first + i): v for i, v in enumerate(result.train_losses)}
-            path.write_text(json.dumps({"step": result.step, "losses": losses}))
-            return result
-
-        train.loop.run = run
-
-    return hook
+def train_losses(run_dir: Path, after: int = 0) -> dict[int, float]:
+    """Step -> training loss in the run folder's metrics.jsonl, from its row ``after`` on."""
+    rows = read_metrics(run_dir / "metrics.jsonl")[after:]
+    return {row["step"]: row["loss"] for row in rows if row["split"] == "train"}
 
 
 # ---- file-system faults inside a child -----------------------------------------------------------
@@ -308,60 +221,68 @@ class _FullDisk:
         self._handle.close()
 
 
-def kill_before_event(events: Path, k: int):
-    def hook():
-        def action(count):
-            if count == k:
-                os.killpg(os.getpgid(0), signal.SIGKILL)
-
-        _Faults(events, action).install()
-
-    return hook
+def log_events(events: Path) -> None:
+    """A hook: every file-system call of the run's saves logged to ``events``, nothing injected."""
+    _Faults(events).install()
 
 
-def kill_during_shards(events: Path, save_index: int, delay_s: float):
-    """SIGKILL ``delay_s`` after the shards of the ``save_index``-th save start (writers at work)."""
-
-    def hook():
-        import megatron.core.dist_checkpointing as dc
-
-        faults = _Faults(events)
-        faults.install()
-        original, seen = dc.save, [0]
-
-        def save(*args, **kwargs):
-            seen[0] += 1
-            if seen[0] == save_index:
-                faults.note(f"shards of save {save_index}: kill in {delay_s:.3f} s")
-                threading.Timer(delay_s, os.killpg, args=(os.getpgid(0), signal.SIGKILL)).start()
-            return original(*args, **kwargs)
-
-        dc.save = save
-
-    return hook
+def kill_before_event(events: Path, k: int) -> Callable[[], None]:
+    """A hook: SIGKILL to the whole process group just before the ``k``-th call of the run's saves."""
+    return functools.partial(_kill_before_event, events, k)
 
 
-def disk_full(events: Path, from_save: int, target: str, budget: int):
-    """Writes to files whose name ends with ``target`` fail with ENOSPC after ``budget`` bytes, from
-    the ``from_save``-th save on."""
+def _kill_before_event(events: Path, k: int) -> None:
+    def action(count):
+        if count == k:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
 
-    def hook():
-        import train.checkpoint as ckpt
+    _Faults(events, action).install()
 
-        saves = [0]
-        faults = _Faults(
-            events, on_write=lambda p: budget if saves[0] >= from_save and p.endswith(target) else None
-        )
-        original = ckpt.save
 
-        def counted(*args, **kwargs):
-            saves[0] += 1
-            return original(*args, **kwargs)
+def kill_during_shards(events: Path, save_index: int, delay_s: float) -> Callable[[], None]:
+    """A hook: SIGKILL ``delay_s`` after the shards of the ``save_index``-th save start (writers at
+    work)."""
+    return functools.partial(_kill_during_shards, events, save_index, delay_s)
 
-        ckpt.save = counted
-        faults.install()
 
-    return hook
+def _kill_during_shards(events: Path, save_index: int, delay_s: float) -> None:
+    import megatron.core.dist_checkpointing as dc
+
+    faults = _Faults(events)
+    faults.install()
+    original, seen = dc.save, [0]
+
+    def save(*args, **kwargs):
+        seen[0] += 1
+        if seen[0] == save_index:
+            faults.note(f"shards of save {save_index}: kill in {delay_s:.3f} s")
+            threading.Timer(delay_s, os.killpg, args=(os.getpgid(0), signal.SIGKILL)).start()
+        return original(*args, **kwargs)
+
+    dc.save = save
+
+
+def disk_full(events: Path, from_save: int, target: str, budget: int) -> Callable[[], None]:
+    """A hook: writes to files whose name ends with ``target`` fail with ENOSPC after ``budget``
+    bytes, from the ``from_save``-th save on."""
+    return functools.partial(_disk_full, events, from_save, target, budget)
+
+
+def _disk_full(events: Path, from_save: int, target: str, budget: int) -> None:
+    import train.checkpoint as ckpt
+
+    saves = [0]
+    faults = _Faults(
+        events, on_write=lambda p: budget if saves[0] >= from_save and p.endswith(target) else None
+    )
+    original = ckpt.save
+
+    def counted(*args, **kwargs):
+        saves[0] += 1
+        return original(*args, **kwargs)
+
+    ckpt.save = counted
+    faults.install()
 
 
 # ---- parts ---------------------------------------------------------------------------------------
@@ -370,20 +291,16 @@ STEPS = 3
 CRASH_RUN = ("steps=3", "checkpoint.interval=1", "checkpoint.keep=2")
 
 
-def reference(work: Path) -> dict:
+def reference(work: Path, demo: Path) -> dict:
     """An uninterrupted run with every event of its saves logged: the losses and the event count."""
     run_dir, events = work / "reference", work / "reference.events"
-    result = work / "reference.json"
-
-    def hook():
-        record_results(result)()
-        _Faults(events).install()
-
-    code, seconds = wait([start(run_dir_args(run_dir, *CRASH_RUN), work / "reference.log", hook=hook)])
-    assert code == [0], (work / "reference.log").read_text()[-3000:]
+    hook = functools.partial(log_events, events)
+    start = Start(run_dir_args(run_dir, *CRASH_RUN), work / "reference.log", demo, hook=hook)
+    code, seconds = run_one(start)
+    assert code == 0, start.log.read_text()[-3000:]
     lines = events.read_text().splitlines()
     return {
-        "losses": json.loads(result.read_text())["losses"],
+        "losses": train_losses(run_dir),
         "events": sum(line.startswith("event ") for line in lines),
         "kinds": [line.split()[2] for line in lines if line.startswith("event ")],
         "paths": [line.split(maxsplit=3)[3] for line in lines if line.startswith("event ")],
@@ -405,7 +322,7 @@ def _resumed_step(log: Path) -> int:
     return 0
 
 
-def crashes(work: Path, ref: dict, trials: int, seed: int) -> list[dict]:
+def crashes(work: Path, demo: Path, ref: dict, trials: int, seed: int) -> list[dict]:
     """``trials`` runs killed at seeded points of their saves, each resumed to the end. The first two
     are killed in the windows that matter most whatever the seed: just before the rename of the second
     save's folder, and between that rename and the ``latest`` update."""
@@ -431,7 +348,10 @@ def crashes(work: Path, ref: dict, trials: int, seed: int) -> list[dict]:
             (
                 how,
                 Start(
-                    run_dir_args(work / f"crash{trial}", *CRASH_RUN), work / f"crash{trial}.log", hook=hook
+                    run_dir_args(work / f"crash{trial}", *CRASH_RUN),
+                    work / f"crash{trial}.log",
+                    demo,
+                    hook=hook,
                 ),
             )
         )
@@ -443,32 +363,31 @@ def crashes(work: Path, ref: dict, trials: int, seed: int) -> list[dict]:
         returned = [
             int(line.split()[1]) for line in lines if line.startswith("save ") and line.endswith("done")
         ]
+        run_dir = work / f"crash{trial}"
         before.append(
-            (lines, max(returned, default=0), _newest_complete(work / f"crash{trial}" / "checkpoints"))
+            (
+                lines,
+                max(returned, default=0),
+                _newest_complete(run_dir / "checkpoints"),
+                metrics_rows(run_dir),
+            )
         )
-    results = [work / f"crash{trial}.json" for trial in range(trials)]
     logs = [work / f"resume{trial}.log" for trial in range(trials)]
     resumed = run_groups(
         [
-            [
-                Start(
-                    run_dir_args(work / f"crash{trial}", *CRASH_RUN),
-                    logs[trial],
-                    hook=record_results(results[trial]),
-                )
-            ]
+            [Start(run_dir_args(work / f"crash{trial}", *CRASH_RUN), logs[trial], demo)]
             for trial in range(trials)
         ]
     )
     found = []
     for trial in range(trials):
-        (lines, returned, complete), ((code,), _), ((resumed_code,), seconds) = (
+        (lines, returned, complete, rows), ((code,), _), ((resumed_code,), seconds) = (
             before[trial],
             killed[trial],
             resumed[trial],
         )
-        result, log = results[trial], logs[trial]
-        losses = json.loads(result.read_text())["losses"] if result.exists() else {}
+        log = logs[trial]
+        losses = train_losses(work / f"crash{trial}", after=rows)  # the resumed run's
         found.append(
             {
                 "how": plans[trial][0],
@@ -479,8 +398,8 @@ def crashes(work: Path, ref: dict, trials: int, seed: int) -> list[dict]:
                 "resumed_from": _resumed_step(log),
                 "resume": outcome(log, resumed_code, seconds),
                 "took_over_lock": "taking over" in log.read_text(errors="replace"),
-                "compared_steps": sorted(losses, key=int),
-                "exact": result.exists() and all(losses[s] == ref["losses"][s] for s in losses),
+                "compared_steps": sorted(losses),
+                "exact": resumed_code == 0 and all(losses[s] == ref["losses"][s] for s in losses),
             }
         )
     return found
@@ -580,7 +499,7 @@ def failing_starts(work: Path, demo: Path, ref_run: Path, nproc: int, names: lis
         elif name in DATA_CASES:
             copy = _data_copy(demo, work, f"{nproc}_{name}")
             _damage_data(name, copy)
-            env["TANDEM_DATA"] = str(copy)
+            env["TANDEM_DATA"] = str(copy)  # over the demo data's
         else:
             shutil.copytree(ref_run, folder)
             what, how, extra = CHECKPOINT_CASES[name]
@@ -589,7 +508,7 @@ def failing_starts(work: Path, demo: Path, ref_run: Path, nproc: int, names: lis
         port, logs[name] = free_port(), [work / f"start{nproc}_{name}.{rank}.log" for rank in range(nproc)]
         ranks = [{**env, **(world_env(rank, nproc, port) if nproc > 1 else {})} for rank in range(nproc)]
         groups.append(
-            [Start(run_dir_args(folder, *overrides), logs[name][r], ranks[r]) for r in range(nproc)]
+            [Start(run_dir_args(folder, *overrides), logs[name][r], demo, ranks[r]) for r in range(nproc)]
         )
     found = {}
     for name, (codes, seconds) in zip(cases, run_groups(groups), strict=True):
@@ -616,12 +535,12 @@ def fail_on_rank_1() -> None:
         train.trainer.check_data = check_data
 
 
-def one_rank_fails(work: Path) -> list[dict]:
+def one_rank_fails(work: Path, demo: Path) -> list[dict]:
     """Rank 1 of 2 fails its data check while rank 0 goes on into the first collectives."""
     port, logs = free_port(), [work / f"one_rank_fails.{rank}.log" for rank in range(2)]
     args = run_dir_args(work / "one_rank_fails", "steps=2")
-    pids = [start(args, logs[r], env=world_env(r, 2, port), hook=fail_on_rank_1) for r in range(2)]
-    codes, seconds = wait(pids)
+    group = [Start(args, logs[r], demo, world_env(r, 2, port), hook=fail_on_rank_1) for r in range(2)]
+    ((codes, seconds),) = run_groups([group])
     return [outcome(log, code, seconds) for log, code in zip(logs, codes, strict=True)]
 
 
@@ -634,24 +553,19 @@ def _wait_for(condition, seconds: float = DEADLINE_S) -> bool:
     return False
 
 
-def _train_lines(run_dir: Path) -> int:
-    metrics = run_dir / "metrics.jsonl"
-    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
-
-
-def two_trainers(work: Path) -> dict:
+def two_trainers(work: Path, demo: Path) -> dict:
     """A second trainer on a live run's folder, then a third after the first was killed."""
     run_dir = work / "shared_run"
-    first = start(run_dir_args(run_dir, "steps=1000", "checkpoint.interval=0"), work / "first.log")
-    started = _wait_for(lambda: _train_lines(run_dir) >= 1)
+    first = Start(run_dir_args(run_dir, "steps=1000", "checkpoint.interval=0"), work / "first.log", demo)()
+    started = _wait_for(lambda: metrics_rows(run_dir) >= 1)
     config_before = (run_dir / "config.yaml").stat().st_mtime_ns if started else None
-    (second_code,), second_s = wait([start(run_dir_args(run_dir, "steps=3"), work / "second.log")])
+    second_code, second_s = run_one(Start(run_dir_args(run_dir, "steps=3"), work / "second.log", demo))
     config_after = (run_dir / "config.yaml").stat().st_mtime_ns if started else None
     kill_group(first)
-    os.waitpid(first, 0)
-    (third_code,), third_s = wait([start(run_dir_args(run_dir, "steps=1"), work / "third.log")])
+    first.join()
+    third_code, third_s = run_one(Start(run_dir_args(run_dir, "steps=1"), work / "third.log", demo))
     return {
-        "first_pid": first,
+        "first_pid": first.pid,
         "started": started,
         "second": outcome(work / "second.log", second_code, second_s),
         "second_left_config_alone": config_before == config_after,
@@ -661,17 +575,18 @@ def two_trainers(work: Path) -> dict:
     }
 
 
-def interrupts(work: Path) -> dict:
+def interrupts(work: Path, demo: Path) -> dict:
     """Ctrl-C once (save, exit 0) and twice (exit 130 at once), each after a few steps."""
     found = {}
     for name, count in (("once", 1), ("twice", 2)):
         run_dir = work / f"sigint_{name}"
-        pid = start(run_dir_args(run_dir, "steps=1000", "checkpoint.interval=0"), work / f"sigint_{name}.log")
-        _wait_for(lambda r=run_dir: _train_lines(r) >= 2)
+        argv = run_dir_args(run_dir, "steps=1000", "checkpoint.interval=0")
+        child = Start(argv, work / f"sigint_{name}.log", demo)()
+        _wait_for(lambda r=run_dir: metrics_rows(r) >= 2)
         for _ in range(count):
-            os.kill(pid, signal.SIGINT)
+            os.kill(child.pid, signal.SIGINT)
             time.sleep(0.05)
-        (code,), seconds = wait([pid])
+        (code,), seconds = wait([child], DEADLINE_S)
         found[name] = outcome(work / f"sigint_{name}.log", code, seconds)
         checkpoints = run_dir / "checkpoints"
         found[name]["folders"] = sorted(p.name for p in checkpoints.iterdir()) if checkpoints.is_dir() else []
@@ -691,7 +606,7 @@ FULL_DISK_TARGETS = [
 ]
 
 
-def full_disks(work: Path, ref: dict, seed: int) -> list[dict]:
+def full_disks(work: Path, demo: Path, ref: dict, seed: int) -> list[dict]:
     """The disk fills up during the second save, in each file of it in turn, after a seeded number of
     bytes; the first run's checkpoint is then resumed from."""
     rng = random.Random(seed)
@@ -702,6 +617,7 @@ def full_disks(work: Path, ref: dict, seed: int) -> list[dict]:
                 Start(
                     run_dir_args(work / f"full{t}", *CRASH_RUN),
                     work / f"full{t}.log",
+                    demo,
                     hook=disk_full(work / f"full{t}.events", 2, target, budgets[t]),
                 )
             ]
@@ -720,9 +636,9 @@ def full_disks(work: Path, ref: dict, seed: int) -> list[dict]:
                 "newest_complete": _newest_complete(checkpoints),
             }
         )
-    result, log = work / "full_resume.json", work / "full_resume.log"
-    code, seconds = run_one(Start(run_dir_args(work / "full0", *CRASH_RUN), log, hook=record_results(result)))
-    losses = json.loads(result.read_text())["losses"] if result.exists() else {}
+    log, rows = work / "full_resume.log", metrics_rows(work / "full0")
+    code, seconds = run_one(Start(run_dir_args(work / "full0", *CRASH_RUN), log, demo))
+    losses = train_losses(work / "full0", after=rows)  # the resumed run's
     found[0]["resume"] = outcome(log, code, seconds)
     found[0]["resumed_from"] = _resumed_step(log)
     found[0]["exact"] = bool(losses) and all(losses[s] == ref["losses"][s] for s in losses)
@@ -743,41 +659,25 @@ TWO_RANK_CASES = [
 ]
 
 
-def main(argv: list[str]) -> int:
-    part, work, report = argv[0], Path(argv[1]), Path(argv[2])
-    work.mkdir(parents=True, exist_ok=True)
-    # The imports every child shares (the trainer, the tokenizer's transformers, the loss plot's pyplot).
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib.pyplot  # noqa: F401
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
-
-    import train.loop  # noqa: F401
-
-    demo, seed = Path(os.environ["TANDEM_DATA"]), int(os.environ.get("TANDEM_FAULT_SEED", "0"))
-    trials = int(os.environ.get("TANDEM_CRASH_TRIALS", "20"))
-    ref = reference(work)
+def collect(work: Path, demo: Path, seed: int, trials: int) -> dict:
+    """The reference run, then each part: what every start did, with each part's seconds."""
+    ref = reference(work, demo)
     out: dict = {"reference": ref, "seed": seed}
-    parts = PARTS if part == "all" else part.split(",")
-    for name in parts:
+    for name in PARTS:
         began = time.monotonic()
         if name == "crashes":
-            out[name] = crashes(work, ref, trials, seed)
+            out[name] = crashes(work, demo, ref, trials, seed)
         elif name == "starts1":
             out[name] = failing_starts(work, demo, work / "reference", 1, None)
         elif name == "starts2":
             out[name] = failing_starts(work, demo, work / "reference", 2, TWO_RANK_CASES)
         elif name == "one_rank_fails":
-            out[name] = one_rank_fails(work)
+            out[name] = one_rank_fails(work, demo)
         elif name == "two_trainers":
-            out[name] = two_trainers(work)
+            out[name] = two_trainers(work, demo)
         elif name == "interrupts":
-            out[name] = interrupts(work)
+            out[name] = interrupts(work, demo)
         elif name == "full_disks":
-            out[name] = full_disks(work, ref, seed)
+            out[name] = full_disks(work, demo, ref, seed)
         out[f"{name}_seconds"] = round(time.monotonic() - began, 1)
-        report.write_text(json.dumps(out, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    return out

@@ -1,4 +1,5 @@
-"""Fault injection on the real trainer (``harness.py`` runs every start; these tests judge what it saw).
+"""Fault injection on the real trainer (``harness.py`` runs every start, each a warm fork of the real
+CLI; these tests judge what it saw).
 
 - kill -9 at seeded points of saves (every file-system call of the trainer's saves is a possible point,
   plus delays into megatron's shard writing): the resumed run starts at the newest complete checkpoint,
@@ -13,15 +14,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import REPO
 from tests.reliability import harness
+from train.__main__ import EXIT_GRACE_S
 
 pytestmark = pytest.mark.slow
 SEED, TRIALS = 0, 20
@@ -29,32 +25,13 @@ SEED, TRIALS = 0, 20
 
 @pytest.fixture(scope="module")
 def report(demo_data, tmp_path_factory) -> dict:
-    work = tmp_path_factory.mktemp("faults")
-    env = dict(
-        os.environ,
-        TANDEM_DATA=str(demo_data),
-        TANDEM_FAULT_SEED=str(SEED),
-        TANDEM_CRASH_TRIALS=str(TRIALS),
-        OMP_NUM_THREADS="1",
-        PYTHONWARNINGS="ignore",
-    )
-    out = work / "report.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.reliability.harness", "all", str(work), str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return harness.collect(tmp_path_factory.mktemp("faults"), demo_data, SEED, TRIALS)
 
 
 def clean_failure(row: dict, code: int = 1) -> None:
-    """Exited ``code`` in time, said why in one named line, no traceback, nothing left running."""
+    """Exited ``code`` by itself, said why in one named line, no traceback, nothing left running."""
     assert row["code"] == code, row["tail"]
-    assert row["seconds"] < harness.DEADLINE_S
+    assert row["seconds"] < EXIT_GRACE_S, "the exit was held up until the watchdog forced it"
     assert not row["traceback"], row["tail"]
     assert not row["leftovers"], row["leftovers"]
     assert len(row["errors"]) == 1, row["tail"]
@@ -81,7 +58,7 @@ def test_kill_9_during_saves_loses_nothing_and_resumes_exactly(report):
 def test_bad_config_fails_at_once_naming_the_key(report, case):
     (row,) = report["starts1"][case]
     # Hydra's own message (the override cannot merge onto the schema), before any work starts.
-    assert row["code"] == 1 and row["seconds"] < harness.DEADLINE_S and not row["traceback"], row["tail"]
+    assert row["code"] == 1 and row["seconds"] < EXIT_GRACE_S and not row["traceback"], row["tail"]
     key = harness.CONFIG_CASES[case][0].split("=")[0]
     assert f"full_key: {key}" in row["tail"]
 
@@ -147,7 +124,7 @@ def test_two_ranks_both_exit_on_a_failing_start(report, case):
     rows = report["starts2"][case]
     for row in rows:
         if case in harness.CONFIG_CASES:
-            assert row["code"] == 1 and not row["traceback"] and row["seconds"] < harness.DEADLINE_S
+            assert row["code"] == 1 and not row["traceback"] and row["seconds"] < EXIT_GRACE_S
         else:
             clean_failure(row)
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, process_env, torchrun_command
+from tests.factories import SMALL_RUN
 from tests.reliability.harness import DEADLINE_S
-from tests.train.test_trainer import command, environment
 
 pytestmark = pytest.mark.slow
 # A traceback through Tandem's code (torchrun's own, on a failed child, goes through torch's alone).
@@ -45,11 +46,8 @@ def assert_prompt_exit(code: int, err: str, total: float, after_error: float) ->
     assert OUR_FRAMES not in err, err[-3000:]  # torchrun prints its own traceback; no rank printed one
 
 
-def torchrun(script: list[str], run_dir: Path, *overrides: str) -> list[str]:
-    """``command(..., nproc=2)`` with ``-m train`` replaced by ``script``."""
-    cmd = command(run_dir, *overrides, nproc=2)
-    at = cmd.index("-m", cmd.index("--master-port"))
-    return [*cmd[:at], *script, *cmd[at + 2 :]]
+def trainer_args(run_dir: Path, *overrides: str) -> list[str]:
+    return [*SMALL_RUN, f"run_dir={run_dir}", "steps=2", *overrides]
 
 
 def test_a_missing_data_prefix_exits_at_once(demo_data, tmp_path):
@@ -58,8 +56,8 @@ def test_a_missing_data_prefix_exits_at_once(demo_data, tmp_path):
         "data.weights=null",
         f"data.valid_prefixes=[{tmp_path}/v]",
     ]
-    cmd = command(tmp_path / "run", "steps=2", *nowhere)
-    code, err, total, after_error = launch(cmd, environment(demo_data), "FileNotFoundError")
+    cmd = [sys.executable, "-m", "train", *trainer_args(tmp_path / "run", *nowhere)]
+    code, err, total, after_error = launch(cmd, process_env(TANDEM_DATA=str(demo_data)), "FileNotFoundError")
     assert_prompt_exit(code, err, total, after_error)
     assert code == 1 and "FileNotFoundError: dataset prefix" in err and "Traceback" not in err
 
@@ -68,15 +66,16 @@ def test_a_truncated_bin_under_torchrun_stops_both_ranks(demo_data, tmp_path):
     data = Path(shutil.copytree(demo_data, tmp_path / "data", ignore=shutil.ignore_patterns("cache")))
     with open(data / "wiki_train.bin", "r+b") as f:
         f.truncate(1000)
-    env = dict(environment(demo_data), TANDEM_DATA=str(data))
-    code, err, total, after_error = launch(command(tmp_path / "run", "steps=2", nproc=2), env, "DataError")
+    cmd = torchrun_command(2, "-m", "train", *trainer_args(tmp_path / "run"))
+    code, err, total, after_error = launch(cmd, process_env(TANDEM_DATA=str(data)), "DataError")
     assert_prompt_exit(code, err, total, after_error)
     assert "rank 0: DataError" in err and "rank 1: DataError" in err
 
 
 def test_one_rank_failing_alone_stops_the_other_under_torchrun(demo_data, tmp_path):
-    cmd = torchrun([str(REPO / "tests/reliability/failing_rank.py")], tmp_path / "run", "steps=2")
-    env = dict(environment(demo_data), PYTHONPATH=str(REPO))
-    code, err, total, after_error = launch(cmd, env, "DataError")
+    cmd = torchrun_command(
+        2, str(REPO / "tests/reliability/failing_rank.py"), *trainer_args(tmp_path / "run")
+    )
+    code, err, total, after_error = launch(cmd, process_env(TANDEM_DATA=str(demo_data)), "DataError")
     assert_prompt_exit(code, err, total, after_error)
     assert "rank 1: DataError: injected on rank 1 only" in err

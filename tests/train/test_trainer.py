@@ -1,5 +1,7 @@
 """The trainer end to end on CPU: exact resume after SIGTERM, resume at other TP/PP/DP layouts, recovery
-from a corrupt checkpoint, NaN stops, bf16. Each run is a real `python -m train` (or torchrun) process.
+from a corrupt checkpoint, NaN stops, bf16. Each run is the real CLI (``python -m train``'s
+``main``, Hydra and all) in a process of its own, forked from a warm one (``tests/conftest.py``): one
+process, or the ranks of a gloo world as torchrun would start them.
 
 One reference run (24 steps, checkpoints every 6) serves as the baseline: with a constant learning rate
 after warmup, a run's trajectory does not depend on its total step count, so a run resumed from the
@@ -7,77 +9,44 @@ reference's step-6 checkpoint in another layout must reproduce the reference's l
 
 from __future__ import annotations
 
-import json
+import itertools
 import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, free_port
-from tests.factories import SMALL_MODEL
+from tests.conftest import fork, run_ranks, trainer, wait
+from tests.factories import SMALL_RUN as SMALL
+from train.logger import read_metrics
 
-# A small model on the demo data: fast steps, same code path as the quickstart.
-SMALL = [
-    *SMALL_MODEL,
-    "global_batch_size=8",
-    "micro_batch_size=4",
-    "logging.interval=1",
-    "logging.eval_interval=0",
-    "logging.tensorboard=false",
-    "optim.warmup_steps=2",
-    "optim.schedule=constant",
-    "checkpoint.interval=0",
-]
 STEPS = 24
+_starts = itertools.count()
 
 pytestmark = pytest.mark.slow
 
 
-def command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
-    launcher = [sys.executable, "-m", "train"]
-    if nproc > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(nproc),
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(free_port()),
-            "-m",
-            "train",
-        ]
-    return [*launcher, *SMALL, f"run_dir={run_dir}", *overrides]
-
-
-def environment(demo: Path) -> dict[str, str]:
-    return dict(os.environ, TANDEM_DATA=str(demo), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
-def train(demo: Path, run_dir: Path, *overrides: str, nproc: int = 1) -> str:
-    proc = subprocess.run(
-        command(run_dir, *overrides, nproc=nproc),
-        cwd=REPO,
-        env=environment(demo),
-        capture_output=True,
-        text=True,
+def train(demo: Path, run_dir: Path, *overrides: str, nproc: int = 1, code: int = 0) -> str:
+    """A run on ``nproc`` ranks, each of which must exit with ``code``; rank 0's output."""
+    finished = run_ranks(
+        trainer(*SMALL, f"run_dir={run_dir}", *overrides),
+        nproc,
+        run_dir.with_name(f"{run_dir.name}.start{next(_starts)}"),
+        env={"TANDEM_DATA": str(demo)},
         timeout=600,
+        check=code == 0,
     )
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout + proc.stderr
+    for rank in finished:
+        assert rank.code == code, rank.output[-3000:]
+    return finished[0].output
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     return {row["step"]: row["loss"] for row in rows if row["split"] == "train"}
 
 
@@ -107,22 +76,20 @@ def assert_same_losses(got: dict[int, float], expected: dict[int, float], steps,
 
 def test_resume_after_sigterm_is_exact(demo_data, reference, tmp_path):
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        command(interrupted, f"steps={STEPS}"),
-        cwd=REPO,
-        env=environment(demo_data),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    log = tmp_path / "interrupted.log"
+    child = fork(
+        trainer(*SMALL, f"run_dir={interrupted}", f"steps={STEPS}"),
+        log=log,
+        env={"TANDEM_DATA": str(demo_data)},
     )
-    metrics = interrupted / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        assert proc.poll() is None, proc.stdout.read()
+    while time.time() < deadline and len(losses(interrupted)) < 3:
+        assert child.exitcode is None, log.read_text()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output
+    os.kill(child.pid, signal.SIGTERM)
+    (code,), _ = wait([child], 300)
+    output = log.read_text()
+    assert code == 0, output
     stopped_at = max(losses(interrupted))
     assert 3 <= stopped_at < STEPS, output
     assert "stopping at step" in output
@@ -195,11 +162,9 @@ def test_by_default_an_unreadable_checkpoint_stops_the_run_listing_each_one(demo
     checkpoints = run_dir / "checkpoints"
     truncate_largest_shard(checkpoints / "iter_0000018")
     (checkpoints / "iter_0000012" / "tandem.json").write_text("{")
-    proc = subprocess.run(
-        command(run_dir, "steps=20"), cwd=REPO, env=environment(demo_data), capture_output=True, text=True
-    )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    listing = proc.stderr[proc.stderr.index("CheckpointUnreadable") :]
+    output = train(demo_data, run_dir, "steps=20", code=1)
+    assert "Traceback" not in output, output[-3000:]
+    listing = output[output.index("CheckpointUnreadable") :]
     assert "iter_0000018: __0_" in listing and "truncated" in listing  # the one tried, and why
     assert "iter_0000012: tandem.json is unreadable" in listing  # the older ones, and why
     assert "iter_0000006: complete by its sizes" in listing
@@ -213,23 +178,17 @@ def test_by_default_an_unreadable_checkpoint_stops_the_run_listing_each_one(demo
 
 
 def test_a_diverging_run_stops_naming_the_step_and_micro_batch(demo_data, tmp_path):
-    proc = subprocess.run(
-        command(
-            tmp_path / "nan",
-            "steps=5",
-            "optim.lr=1e30",
-            "optim.min_lr=0",
-            "optim.warmup_steps=0",
-            "optim.clip_grad=0",
-        ),
-        cwd=REPO,
-        env=environment(demo_data),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    output = train(
+        demo_data,
+        tmp_path / "nan",
+        "steps=5",
+        "optim.lr=1e30",
+        "optim.min_lr=0",
+        "optim.warmup_steps=0",
+        "optim.clip_grad=0",
+        code=1,
     )
-    assert proc.returncode != 0
-    assert "non-finite" in proc.stderr and "at step" in proc.stderr, proc.stderr[-2000:]
+    assert "non-finite" in output and "at step" in output, output[-2000:]
 
 
 def test_bf16_mixed_precision_trains_resumes_and_exports(demo_data, tmp_path):
