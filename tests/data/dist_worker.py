@@ -1,4 +1,5 @@
-"""Ranks for test_dataset.py: every rank builds the same datasets inside one gloo group.
+"""Ranks for test_dataset.py (forked, in torchrun's environment): every rank builds the same datasets
+inside one gloo group.
 
 Each writes ``rank<N>.pt`` with its first samples and whether it built the sample indices itself:
 megatron.core should build them on rank 0 only, the other ranks reading rank 0's cache after a barrier.
@@ -17,12 +18,13 @@ from data.dataset import build_datasets
 from data.tokenizer import load_tokenizer_info
 
 
-def run(rank: int, world_size: int, out: Path, tokenizer: str, prefixes: list[str]) -> None:
+def run(out: Path, tokenizer: str, prefixes: list[str]) -> None:
     builds = []
     build_sample_idx = helpers.build_sample_idx
     helpers.build_sample_idx = lambda *a: builds.append(1) or build_sample_idx(*a)
 
-    dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     cfg = DataConfig(
         prefixes=prefixes, seq_length=64, tokenizer=tokenizer, cache_dir=str(out / "cache"), split="1"
     )

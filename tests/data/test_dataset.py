@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import shutil
 from collections import Counter
+from functools import partial
 
 import numpy as np
 import pytest
@@ -16,6 +16,7 @@ from data.dataset import build_datasets, check_data, collate, document_ids_and_p
 from data.preprocess import preprocess
 from data.sources import Texts
 from data.tokenizer import train_tokenizer
+from tests.conftest import run_ranks
 
 
 @pytest.fixture(scope="module")
@@ -198,18 +199,13 @@ def test_config_errors_name_the_key(tmp_path, tokenizer, override, key):
 def test_two_gloo_ranks_build_from_one_cache(tmp_path, tokenizer, prefixes):
     from tests.data import dist_worker
 
-    # Forked ranks start at once (megatron.core is imported here already), unless this process holds a
-    # process group of its own, which a fork would inherit: then a forkserver imports megatron.core once.
-    context = multiprocessing.get_context("forkserver" if torch.distributed.is_initialized() else "fork")
-    context.set_forkserver_preload(["tests.data.dist_worker"])
-
-    args = (tmp_path, tokenizer.path, [prefixes["wiki"], prefixes["plays"]])
-    ranks = [context.Process(target=dist_worker.run, args=(rank, 2, *args)) for rank in range(2)]
-    for rank in ranks:
-        rank.start()
-    for rank in ranks:
-        rank.join(timeout=120)
-    assert [rank.exitcode for rank in ranks] == [0, 0]
+    run = partial(
+        dist_worker.run,
+        out=tmp_path,
+        tokenizer=tokenizer.path,
+        prefixes=[prefixes["wiki"], prefixes["plays"]],
+    )
+    run_ranks(run, 2, tmp_path / "rank", timeout=120)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert torch.equal(rank0["tokens"], rank1["tokens"])
     assert rank0["built"] and not rank1["built"], "rank 0 builds the indices, rank 1 reads its cache"

@@ -1,28 +1,20 @@
-"""torchrun worker for the tensor/pipeline-parallel parity tests (run by test_parallel.py).
+"""Ranks for the tensor/pipeline-parallel parity tests (forked by test_parallel.py, as torchrun would
+start them).
 
-``--save DIR``: at TP=PP=1, build the model, save it as a dist checkpoint and the reference logits and
-per-micro-batch losses. ``--load DIR --tp N --pp M``: load that checkpoint into the N x M layout and
-write this layout's logits (TP) and losses (PP) next to it for the test to compare.
+``run(out, save=True)``: at TP=PP=1, build the model, save it as a dist checkpoint and the reference
+logits and per-micro-batch losses. ``run(out, tp=N, pp=M)``: load that checkpoint into the N x M layout
+and write this layout's logits (TP) and losses (PP) next to it for the test to compare.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--dir", required=True)
-    parser.add_argument("--save", action="store_true")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    args = parser.parse_args()
-
+def run(out: Path, save: bool = False, tp: int = 1, pp: int = 1) -> None:
     from model import cpu
 
     cpu.enable()
@@ -31,28 +23,17 @@ def main() -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from model.attention import attention_inputs
-    from model.config import ModelConfig, ParallelConfig, PrecisionConfig
+    from model.config import ParallelConfig, PrecisionConfig
     from model.megatron import build_model, forward
     from tandem_kernels import masks
+    from tests.factories import tiny_model
 
-    parallel_state.initialize_model_parallel(args.tp, args.pp)
-    cfg = ModelConfig(
-        name="parity",
-        num_layers=4,
-        hidden_size=64,
-        ffn_hidden_size=160,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=300,
-        max_position_embeddings=128,
-        qk_layernorm=True,
-    )
-    torch.manual_seed(
-        1234 + dist.get_rank()
-    )  # different init per rank: weights must come from the checkpoint
-    model = build_model(cfg, ParallelConfig(tensor=args.tp, pipeline=args.pp), PrecisionConfig())
-    out = Path(args.dir)
-    if args.save:
+    parallel_state.initialize_model_parallel(tp, pp)
+    cfg = tiny_model(num_layers=4, max_position_embeddings=128, qk_layernorm=True)
+    # A different init per rank: the weights must come from the checkpoint.
+    torch.manual_seed(1234 + dist.get_rank())
+    model = build_model(cfg, ParallelConfig(tensor=tp, pipeline=pp), PrecisionConfig())
+    if save:
         (out / "ckpt").mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(model.sharded_state_dict(), str(out / "ckpt"))
     else:
@@ -67,7 +48,7 @@ def main() -> None:
     inputs = attention_inputs(cfg, positions, masks.dense(masks.block_diffusion(L, 4), 2 * L, 2 * L))
 
     results = {}
-    if args.pp == 1:
+    if pp == 1:
         with torch.no_grad():
             logits = forward(model.eval(), tokens[0], positions, inputs, runtime_gather_output=True)
         results["logits"] = logits[..., : cfg.vocab_size]
@@ -96,19 +77,10 @@ def main() -> None:
     )
     if parallel_state.is_pipeline_last_stage():
         results["losses"] = torch.stack([m["loss"] for m in losses])
-        grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
-        results["has_grads"] = torch.tensor(len(grads) > 0)
+        results["has_grads"] = torch.tensor(any(p.grad is not None for p in model.parameters()))
     if parallel_state.get_tensor_model_parallel_rank() == 0 and results:
-        name = (
-            "reference"
-            if args.save
-            else f"tp{args.tp}_pp{args.pp}_stage{parallel_state.get_pipeline_model_parallel_rank()}"
-        )
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        name = "reference" if save else f"tp{tp}_pp{pp}_stage{stage}"
         torch.save(results, out / f"{name}.pt")
     dist.barrier()
     dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()

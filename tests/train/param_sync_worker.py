@@ -1,29 +1,21 @@
-"""torchrun worker for the parameter-sync test (run by test_param_sync.py): DP=2 with the distributed
-optimizer, one real training step of the trainer, then the trainer's own checkpoint save. The weights
-the checkpoint holds are loaded back into a fresh model and written to ``<dir>/saved.pt`` by rank 0.
+"""Ranks for the parameter-sync test (forked by test_param_sync.py, as torchrun would start them): DP=2
+with the distributed optimizer, one real training step of the trainer, then the trainer's own checkpoint
+save. The weights the checkpoint holds are loaded back into a fresh model and written to
+``<out>/saved.pt`` by rank 0.
 
-``--overlap``: ``parallel.overlap_param_gather=true`` (the recipes' setting), which leaves the
+``overlap``: ``parallel.overlap_param_gather=true`` (the recipes' setting), which leaves the
 all-gather of updated parameter shards to the next forward pass."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--dir", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--overlap", action="store_true")
-    args = parser.parse_args()
-
-    import os
-
-    os.environ["TANDEM_DATA"] = args.data
+def run(out: Path, overlap: bool) -> None:
+    """The step and the save on this rank; $TANDEM_DATA holds the demo data."""
     from model import cpu
 
     cpu.enable()
@@ -38,7 +30,6 @@ def main() -> None:
     from train.sampler import BatchSampler
     from train.trainer import Trainer
 
-    out = Path(args.dir)
     cfg = compose_config(
         [
             *SMALL_MODEL,
@@ -51,7 +42,7 @@ def main() -> None:
             "optim.schedule=constant",
             "parallel.distributed_optimizer=true",
             "parallel.overlap_grad_reduce=true",
-            f"parallel.overlap_param_gather={str(args.overlap).lower()}",
+            f"parallel.overlap_param_gather={str(overlap).lower()}",
             f"run_dir={out / 'run'}",
         ]
     )
@@ -83,7 +74,3 @@ def main() -> None:
         torch.save(state, out / "saved.pt")
     dist.barrier()
     dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -5,22 +5,22 @@ done at once."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
 
-from tests.conftest import run_torchrun
-
-WORKER = Path(__file__).with_name("param_sync_worker.py")
+from tests.conftest import run_ranks
+from tests.train import param_sync_worker
 
 pytestmark = pytest.mark.slow
 
 
 def test_a_checkpoint_after_a_step_holds_that_steps_weights(demo_data, tmp_path):
     synchronous, overlapped = tmp_path / "sync", tmp_path / "overlap"
-    run_torchrun(WORKER, 2, "--dir", str(synchronous), "--data", str(demo_data))
-    run_torchrun(WORKER, 2, "--dir", str(overlapped), "--data", str(demo_data), "--overlap")
+    env = {"TANDEM_DATA": str(demo_data)}
+    run_ranks(partial(param_sync_worker.run, synchronous, overlap=False), 2, tmp_path / "sync", env=env)
+    run_ranks(partial(param_sync_worker.run, overlapped, overlap=True), 2, tmp_path / "overlap", env=env)
     expected = torch.load(synchronous / "saved.pt")
     got = torch.load(overlapped / "saved.pt")
     assert expected.keys() == got.keys()
