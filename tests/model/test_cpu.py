@@ -8,22 +8,20 @@ import pytest
 import torch
 
 from model import cpu
-from tests.conftest import REPO
+from tests.conftest import REPO, process_env
+from tests.factories import tiny_model
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only patches")
 
 
-def test_nothing_is_patched_when_cuda_is_available():
-    code = (
-        "import torch\n"
-        "zeros, cuda_method, stream = torch.zeros, torch.Tensor.cuda, torch.cuda.current_stream\n"
-        "torch.cuda.is_available = lambda: True\n"
-        "from model import cpu\n"
-        "assert cpu.enable() is False and not cpu.is_enabled()\n"
-        "assert torch.zeros is zeros and torch.Tensor.cuda is cuda_method\n"
-        "assert torch.cuda.current_stream is stream\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+def test_nothing_is_patched_when_cuda_is_available(monkeypatch):
+    with cpu.unpatched():
+        zeros, cuda_method, stream = torch.zeros, torch.Tensor.cuda, torch.cuda.current_stream
+        with monkeypatch.context() as cuda_here:
+            cuda_here.setattr(torch.cuda, "is_available", lambda: True)
+            assert cpu.enable() is False and not cpu.is_enabled()
+            assert torch.zeros is zeros and torch.Tensor.cuda is cuda_method
+            assert torch.cuda.current_stream is stream
 
 
 def test_cuda_factories_and_type_checks_are_served_on_cpu(megatron_single):
@@ -66,19 +64,11 @@ def test_megatron_ddp_optimizer_and_schedule_train_on_cpu(megatron_single):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from model.attention import attention_inputs
-    from model.config import ModelConfig, ParallelConfig, PrecisionConfig
+    from model.config import ParallelConfig, PrecisionConfig
     from model.megatron import build_model, forward
     from tandem_kernels import masks
 
-    cfg = ModelConfig(
-        name="t",
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        vocab_size=200,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_model()
     torch.manual_seed(0)
     model = build_model(cfg, ParallelConfig(), PrecisionConfig())
     ddp = DistributedDataParallel(
@@ -122,18 +112,15 @@ def test_libraries_imported_after_the_patches_still_import(megatron_single):
         "import torch\nfrom model import cpu\ncpu.enable()\n"
         "import transformers.generation.utils\nprint(torch.cuda.Stream | None)\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=process_env(), capture_output=True)
 
 
-def test_torch_device_context_still_applies_after_the_patches():
+def test_torch_device_context_still_applies_after_the_patches(megatron_single):
     # transformers' from_pretrained builds under `with torch.device("meta")`; a factory the context
     # misses leaves real-valued buffers (RoPE inv_freq) uninitialised after loading.
-    code = (
-        "import torch\nfrom model import cpu\ncpu.enable()\n"
-        "with torch.device('meta'):\n"
-        "    assert torch.tensor([1.0]).is_meta and torch.arange(4).is_meta and torch.zeros(2).is_meta\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    assert cpu.is_enabled()
+    with torch.device("meta"):
+        assert torch.tensor([1.0]).is_meta and torch.arange(4).is_meta and torch.zeros(2).is_meta
 
 
 def test_the_patches_can_be_scoped_and_undone(megatron_single):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tandem_kernels import masks
 from tandem_kernels.masks import CleanAttention
 from tandem_kernels.noise import Masking, MaskingKind, mask_seed
+from tests.factories import tiny_model
 from train.objectives import BlockDiffusion, CausalLM, Joint, reduce
 
 MASK = 3
@@ -108,21 +109,12 @@ def test_document_ids_add_a_document_mask_over_both_halves():
 # ---- through the real model: megatron's vocab-parallel CE vs torch's cross_entropy on full logits ----
 
 
-def tiny_model():
-    from model.config import ModelConfig, ParallelConfig, PrecisionConfig
+def tiny_built_model():
+    from model.config import ParallelConfig, PrecisionConfig
     from model.megatron import build_model
 
     # A vocabulary that needs no padding: megatron's cross-entropy runs over the padded vocabulary.
-    cfg = ModelConfig(
-        name="t",
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_query_groups=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_model(vocab_size=128)
     torch.manual_seed(0)
     return cfg, build_model(cfg, ParallelConfig(), PrecisionConfig()).eval()
 
@@ -148,7 +140,7 @@ def random_batch(vocab: int, batch: int = 2, length: int = 16) -> HandBatch:
 
 
 def test_joint_loss_through_the_model_equals_an_independent_computation(megatron_single):
-    cfg, model = tiny_model()
+    cfg, model = tiny_built_model()
     batch = random_batch(cfg.vocab_size)
     masking = Masking(MaskingKind.sequence, block_size=4)
     objective = Joint(masking, mask_token_id=MASK, block_size=4, diffusion_weight=0.3, ar_weight=1.0)
@@ -173,7 +165,7 @@ def test_joint_loss_through_the_model_equals_an_independent_computation(megatron
 
 
 def test_ar_objective_is_the_plain_causal_lm_loss(megatron_single):
-    cfg, model = tiny_model()
+    cfg, model = tiny_built_model()
     batch = random_batch(cfg.vocab_size)
     inputs = CausalLM().prepare(batch, generators(2))
     per_token, logits = model_outputs(cfg, model, inputs)

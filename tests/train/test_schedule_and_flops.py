@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from model.config import ModelConfig, Recompute
+from model.config import Recompute
 from tandem_kernels import masks
 from tandem_kernels.masks import CleanAttention
+from tests.factories import tiny_model
 from train.config import LrSchedule, OptimConfig
 from train.flops import (
     block_diffusion_pairs,
@@ -55,9 +56,7 @@ def test_attention_pair_counts_equal_the_mask(L, B, clean):
 
 
 def test_forward_flops_by_hand():
-    cfg = ModelConfig(
-        name="t",
-        num_layers=2,
+    cfg = tiny_model(
         hidden_size=8,
         ffn_hidden_size=16,
         num_attention_heads=2,
@@ -76,8 +75,8 @@ def test_forward_flops_by_hand():
 
 
 def test_joint_objective_costs_about_twice_ar_in_gemms():
-    cfg = ModelConfig(
-        name="t", num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=4, vocab_size=4096
+    cfg = tiny_model(
+        num_layers=4, hidden_size=256, ffn_hidden_size=704, num_query_groups=None, vocab_size=4096
     )
     L, B = 128, 16
     ar = training_flops_per_sample(cfg, L, causal_pairs(L))
