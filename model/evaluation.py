@@ -31,8 +31,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from model.generation import MODES, load_export
-from model.hf_config import HF_DTYPES
+from model.hf import MODES, load_export
+from model.hf.config_json import HF_DTYPES
 
 # Weights' dtype in evaluation: the export dtypes, and float64 for checks free of near-tie flips.
 DTYPES = {**HF_DTYPES, "float64": torch.float64}

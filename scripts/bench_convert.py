@@ -6,10 +6,10 @@ whole-model path, measured side by side in one run.
 
 It saves a random model of that shape (default: about 0.35 B parameters) as a Tandem checkpoint (fp32,
 TP=1), then runs each conversion in a fresh Python process:
-- export to fp32 and to bf16: streaming (``train.hf.export_checkpoint``) and whole-model (the code path
+- export to fp32 and to bf16: streaming (``train.convert.export_checkpoint``) and whole-model (the code path
   it replaced: an fp32 Megatron model loaded through ``load_megatron_state``, ``keymap.to_hf``, a cast,
   safetensors ``save_file``);
-- import of each export: streaming (``train.hf.import_hf``) and whole-model (every tensor loaded,
+- import of each export: streaming (``train.convert.import_hf``) and whole-model (every tensor loaded,
   ``keymap.from_hf``, an fp32 Megatron model, ``load_state_dict``, ``checkpoint.save``).
 Each process reports its own peak resident memory (Linux ``VmHWM``; its forked checkpoint writers
 included); the peak of a process that only imports the same modules is subtracted, and the rest is
@@ -45,8 +45,8 @@ def _imports() -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import model.keymap  # noqa: F401
-    import train.hf  # noqa: F401
+    import model.hf.keymap  # noqa: F401
+    import train.convert  # noqa: F401
 
 
 def whole_model_export(checkpoint: Path, out: Path, dtype: str) -> None:
@@ -54,9 +54,10 @@ def whole_model_export(checkpoint: Path, out: Path, dtype: str) -> None:
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    from model import keymap
-    from model.hf_config import HF_DTYPES, MODEL_TYPE
-    from train.hf import SHARD_SIZE, find_checkpoint, load_megatron_state
+    from model.hf import keymap
+    from model.hf.config_json import HF_DTYPES, MODEL_TYPE
+    from model.hf.safetensors_io import SHARD_SIZE
+    from train.convert import find_checkpoint, load_megatron_state
 
     info = find_checkpoint(checkpoint)
     state = keymap.to_hf(load_megatron_state(info), info.model, keymap.LAYOUTS[MODEL_TYPE])
@@ -72,9 +73,9 @@ def whole_model_import(hf_dir: Path, out: Path) -> None:
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
-    from model import keymap
     from model.config import ParallelConfig, PrecisionConfig, TransformerImpl
-    from model.hf_config import MODEL_TYPE, model_from_hf
+    from model.hf import keymap
+    from model.hf.config_json import MODEL_TYPE, model_from_hf
     from model.megatron import build_model
     from train import checkpoint as ckpt
     from train.config import TrainConfig
@@ -100,7 +101,7 @@ def run_child(job: dict) -> dict:
     start = time.perf_counter()
     step, path = job.get("step"), job.get("path")
     if step is not None:
-        from train.hf import export_checkpoint, import_hf
+        from train.convert import export_checkpoint, import_hf
 
         kind, dtype = step.split()
         dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]

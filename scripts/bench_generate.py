@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from model.generation import MODES, decode, encode_prompt, load_export
+from model.hf import MODES, decode, encode_prompt, load_export
 
 FALLBACK_PROMPTS = [
     "The river",

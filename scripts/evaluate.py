@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from data.eval_tasks import GROUP, TASKS, tasks_written, write_tasks
-from model.generation import MODES
-from model.hf_config import HF_DTYPES
+from model.hf import MODES
+from model.hf.config_json import HF_DTYPES
 
 # The figure reported per task, first found first.
 METRICS = ("acc,none", "exact_match,strip", "exact_match,none", "word_perplexity,none", "acc_norm,none")
@@ -103,7 +103,7 @@ def main(argv: list[str]) -> int:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from model.generation import load_export
+    from model.hf import load_export
     from train import evaluation
 
     out = Path(args.out)

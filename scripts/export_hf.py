@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from model.hf_config import HF_DTYPES
+from model.hf.config_json import HF_DTYPES
 from train.checkpoint import CheckpointError
-from train.hf import export_checkpoint
+from train.convert import export_checkpoint
 
 
 def main(argv: list[str]) -> int:

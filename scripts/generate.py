@@ -17,8 +17,8 @@ import sys
 
 import torch
 
-from model.generation import MODES, Generation, decode, encode_prompt, load_export
-from model.hf_config import HF_DTYPES
+from model.hf import MODES, Generation, decode, encode_prompt, load_export
+from model.hf.config_json import HF_DTYPES
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

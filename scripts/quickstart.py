@@ -18,9 +18,9 @@ import sys
 import torch
 
 from data.corpora import default_demo_dir, prepare_demo
-from model.generation import decode, encode_prompt, load_export
+from model.hf import decode, encode_prompt, load_export
 from train.config import compose_config
-from train.hf import export_checkpoint
+from train.convert import export_checkpoint
 from train.logger import read_metrics
 from train.loop import run
 

@@ -31,7 +31,7 @@ from model.evaluation import TandemLM
 from tandem_kernels import masks
 from tandem_kernels.noise import mask_seed
 from train.config import TrainConfig
-from train.hf import export_checkpoint
+from train.convert import export_checkpoint
 from train.metrics import summarise
 from train.objectives import ObjectiveKind, build_objective, reduce
 

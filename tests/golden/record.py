@@ -138,7 +138,7 @@ def _tensor_summary(tensor: torch.Tensor) -> dict:
 def _export(checkpoints: str, work: Path) -> tuple[Path, dict]:
     from safetensors.torch import load_file
 
-    from train.hf import export_checkpoint
+    from train.convert import export_checkpoint
 
     out = export_checkpoint(checkpoints, work / "hf", overwrite=True)
     tensors = load_file(str(out / "model.safetensors"))
@@ -150,7 +150,7 @@ def _export(checkpoints: str, work: Path) -> tuple[Path, dict]:
 
 
 def _decodes(model, tokenizer, prompts: list[torch.Tensor]) -> dict:
-    from model.generation import decode
+    from model.hf import decode
 
     out = {}
     with torch.no_grad():
@@ -180,7 +180,7 @@ def _decodes(model, tokenizer, prompts: list[torch.Tensor]) -> dict:
 
 
 def _export_decodes(export: Path) -> dict:
-    from model.generation import encode_prompt, load_export
+    from model.hf import encode_prompt, load_export
 
     model, tokenizer = load_export(export)
     return _decodes(model, tokenizer, [encode_prompt(tokenizer, prompt) for prompt in PROMPTS])

@@ -1,7 +1,7 @@
-"""Streaming conversion (train/hf.py): the export reads a torch_dist checkpoint a tensor at a time and
-writes exactly the weights of the model (saved at TP=1 or TP=2), never building a Megatron model nor
-touching CUDA; the import writes a checkpoint that the trainer loads at TP=1 and TP=2, and import then
-export gives the same weights bit for bit.
+"""Streaming conversion (train/convert.py, model/hf/safetensors_io.py): the export reads a torch_dist
+checkpoint a tensor at a time and writes exactly the weights of the model (saved at TP=1 or TP=2),
+never building a Megatron model nor touching CUDA; the import writes a checkpoint that the trainer
+loads at TP=1 and TP=2, and import then export gives the same weights bit for bit.
 
 Run as a script under torchrun (2 processes), this file is the worker that makes the parallel
 checkpoints: a fresh TP=2 model (``--save``), a checkpoint loaded at TP=2 and saved again
@@ -23,13 +23,13 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from model import cpu, keymap
 from model.config import ModelConfig, ParallelConfig, PrecisionConfig
-from model.hf_config import MODEL_TYPE
+from model.hf.config_json import MODEL_TYPE
 from model.megatron import build_model
 from tests.conftest import run_torchrun
 from tests.factories import tiny_model
 from train import checkpoint as ckpt
 from train.config import TrainConfig
-from train.hf import export_checkpoint, find_checkpoint, import_hf, load_megatron_state
+from train.convert import export_checkpoint, find_checkpoint, import_hf, load_megatron_state
 from train.objectives import ObjectiveConfig
 
 # The tiny model of these tests: 2 layers, a vocabulary padded from 300 to 384 rows, QK-norm on.
@@ -187,10 +187,10 @@ def test_bf16_export_is_the_rounded_fp32_weights(tp1, tmp_path):
 
 
 def test_sharded_export_has_an_index_and_the_same_weights(tp1, monkeypatch, tmp_path):
-    import train.hf
+    from model.hf import safetensors_io
 
     _, root = tp1
-    monkeypatch.setattr(train.hf, "SHARD_SIZE", "100KB")  # the tiny model's 1.3 MB in many files
+    monkeypatch.setattr(safetensors_io, "SHARD_SIZE", "100KB")  # the tiny model's 1.3 MB in many files
     out = export_checkpoint(root, tmp_path / "sharded", dtype="float32")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = set(index["weight_map"].values())
@@ -202,7 +202,7 @@ def test_export_builds_no_megatron_model_and_never_touches_cuda(tp1, monkeypatch
     import megatron.core.models.gpt
 
     import model.megatron
-    import train.hf
+    import train.convert
 
     def refuse(*args, **kwargs):
         raise AssertionError("the export built a Megatron model or initialised CUDA")
@@ -211,7 +211,7 @@ def test_export_builds_no_megatron_model_and_never_touches_cuda(tp1, monkeypatch
     expected = old_path(root, torch.float32)
     monkeypatch.setattr(megatron.core.models.gpt.GPTModel, "__init__", refuse)
     monkeypatch.setattr(model.megatron, "build_model", refuse)
-    monkeypatch.setattr(train.hf, "build_model", refuse)
+    monkeypatch.setattr(train.convert, "build_model", refuse)
     # As on a GPU machine: CUDA "available", but any use of it fails.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "_lazy_init", refuse)
@@ -257,7 +257,7 @@ def test_meta_layout_is_the_layout_of_build_model(megatron_single):
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
     from model.config import Dtype
-    from train.hf import _meta_sharded_state
+    from train.convert import _meta_sharded_state
 
     model_cfg = tiny_model(**TINY)
     built = build_model(model_cfg, ParallelConfig(), PrecisionConfig()).sharded_state_dict()

@@ -14,8 +14,8 @@ from lm_eval.api.instance import Instance
 from data.eval_tasks import TASKS, write_tasks
 from tests.factories import export_in_transformers
 from tests.model.test_hf_export import save_checkpoint, tiny
+from train.convert import export_checkpoint
 from train.evaluation import Tandem
-from train.hf import export_checkpoint
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

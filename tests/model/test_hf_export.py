@@ -1,9 +1,12 @@
 """The Hugging Face export: round trips, logits parity with Megatron and with transformers' own classes,
-the NLD training call, and the three decoders against plain full-recompute references."""
+the export loaded in a clean interpreter, the NLD training call, and the decoders against plain
+full-recompute references."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +15,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from model import keymap
+from model import rope
 from model.attention import attention_inputs
 from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
-from model.generation import decode, encode_prompt, load_export
-from model.hf_config import model_from_hf
+from model.hf import decode, encode_prompt, keymap, load_export
+from model.hf.config_json import model_from_hf
 from model.megatron import build_model, forward
 from tandem_kernels import masks
 from tests.conftest import REPO
@@ -29,7 +32,7 @@ from tests.model.reference_decoding import (
 )
 from train import checkpoint as ckpt
 from train.config import TrainConfig
-from train.hf import REMOTE_CODE, export_checkpoint, find_checkpoint, import_hf, load_megatron_state
+from train.convert import export_checkpoint, find_checkpoint, import_hf, load_megatron_state
 from train.objectives import ObjectiveConfig
 
 YARN = RopeConfig(
@@ -100,9 +103,84 @@ def test_export_folder_has_the_nld_format(exported):
     assert "encoder.embed_tokens.weight" in names and "diffusion_head.weight" in names
     assert "encoder.layers.1.self_attn.q_norm.weight" in names
     assert {n.split(".")[0] for n in names} == {"encoder", "diffusion_head"}
-    for name, source in REMOTE_CODE.items():  # the masks and RoPE the model trains with, byte for byte
-        assert (out / name).read_bytes() == source.read_bytes()
+    assert {"tandem_masks.py", "tandem_rope.py", "tandem_decoding.py"} <= {p.name for p in out.iterdir()}
     assert (out / "tokenizer.json").is_file()
+
+
+def test_the_remote_codes_siblings_are_the_modules_tandem_trains_with():
+    from model.hf import modeling_nemotron_labs_diffusion as modeling
+    from model.hf import tandem_decoding
+
+    assert sys.modules["model.hf.tandem_masks"] is masks
+    assert sys.modules["model.hf.tandem_rope"] is rope
+    assert modeling.CleanAttention is masks.CleanAttention  # one enum, not a copy of it
+    assert tandem_decoding.block_decode is masks.block_decode and modeling.rotate is rope.rotate
+
+
+def probe(masks) -> dict[str, torch.Tensor]:
+    """What a mask module gives: every predicate on a grid (run on Tandem's module and on an export's
+    copy)."""
+    out = {}
+    for clean in masks.CleanAttention:
+        out[f"block_diffusion_{clean.value}"] = masks.dense(masks.block_diffusion(16, 4, clean), 32, 32)
+    documents = torch.tensor([[0] * 5 + [1] * 10 + [2] * 8])  # over the 23 keys
+    predicates = {
+        "causal": masks.causal(),
+        "bidirectional": masks.bidirectional(),
+        "block_decode": masks.block_decode(5),
+        "speculate_fused": masks.speculate_fused(3, 4),
+        "shifted": masks.shifted(masks.causal(), 3),
+        "documents": masks.and_masks(masks.causal(), masks.same_document(documents)),
+    }
+    for name, predicate in predicates.items():
+        out[name] = masks.dense(predicate, 8, 23)
+    out["speculate_fused_positions"] = masks.speculate_fused_positions(3, 4)
+    return out
+
+
+# Run in a fresh interpreter, after the source of ``probe``.
+CLEAN_LOAD = """
+import importlib.util, sys
+
+# The repository is importable only through its editable install's finder, which goes.
+sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+TANDEM = ("model", "tandem_kernels", "train", "data")
+assert all(importlib.util.find_spec(package) is None for package in TANDEM)
+from transformers import AutoModel
+
+folder, out = sys.argv[1:]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True, local_files_only=True).eval()
+package = type(model).__module__.rsplit(".", 1)[0]
+results = probe(sys.modules[package + ".tandem_masks"])
+with torch.no_grad():
+    results["logits"] = model(torch.arange(3, 40)[None], dlm_paradigm="autoregressive").logits
+assert not [name for name in sys.modules if name.split(".")[0] in TANDEM]
+torch.save(results, out)
+"""
+
+
+def test_the_export_loads_offline_without_the_repository(exported, hf_model, tmp_path):
+    """A fresh interpreter with no network and no Tandem on its path loads the folder, and the mask
+    module shipped in it gives what Tandem's own gives."""
+    _, _, out = exported
+    script = "import torch\n\n" + inspect.getsource(probe) + CLEAN_LOAD
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", script, str(out), str(tmp_path / "probe.pt")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shipped = torch.load(tmp_path / "probe.pt")
+    with torch.no_grad():
+        logits = hf_model[0](torch.arange(3, 40)[None], dlm_paradigm="autoregressive").logits
+    expected = {**probe(masks), "logits": logits}
+    assert shipped.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(shipped[name], tensor), name
 
 
 # The keys of a shipped NLD config.json, all of which NLD's own remote code may read.

@@ -13,11 +13,11 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from model.attention import attention_inputs
 from model.config import ParallelConfig, PrecisionConfig
-from model.generation import encode_prompt, load_export
+from model.hf import encode_prompt, load_export
 from model.megatron import build_model, forward
 from tandem_kernels import masks
 from tests.conftest import free_port
-from train.hf import export_checkpoint, find_checkpoint, import_hf, load_megatron_state
+from train.convert import export_checkpoint, find_checkpoint, import_hf, load_megatron_state
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from model.generation import load_export
+from model.hf import load_export
 from tests.conftest import REPO
 from tests.factories import SMALL_MODEL
+from train.convert import export_checkpoint
 from train.evaluation import held_out_losses, run_config
-from train.hf import export_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -2,29 +2,28 @@
 
 ``export_checkpoint``: a Tandem dist checkpoint saved at any TP/PP -> ``config.json`` (architecture
 ``NemotronLabsDiffusionModel``), safetensors with NLD weight names, the tokenizer, and Tandem's remote
-code (``model/hf/*`` plus the mask and RoPE modules it trains with, copied byte for byte).
+code (``model.hf.REMOTE_CODE``: the model, its decoders, and the mask and RoPE modules it trains
+with).
 ``import_hf``: an NLD folder or a Llama / Mistral / Ministral-3 / Qwen3 causal LM -> a Tandem
 checkpoint (weights only) that the trainer starts from with ``checkpoint.load=... checkpoint.finetune=true``.
 Both write to a temporary folder and rename it when complete.
 
 Both stream, so that 8B/14B conversions fit beside one copy of the weights: the export reads the
 checkpoint's tensors one at a time from its torch.distributed.checkpoint files (no Megatron model,
-no process group, no GPU), converts each (``model.keymap``), casts it and appends it to its
-safetensors shard; the import reads the source safetensors a tensor at a time and hands the
-converted tensors to megatron.core's dist-checkpoint writer under the keys of a Megatron model built
-on the meta device. ``load_megatron_state`` is the other way to read a checkpoint: through a whole
-Megatron model, as the trainer does (the tests' reference).
+no process group, no GPU), converts each (``model.hf.keymap``), casts it and appends it to its
+safetensors shard (``model.hf.safetensors_io``); the import reads the source safetensors a tensor at
+a time and hands the converted tensors to megatron.core's dist-checkpoint writer under the keys of a
+Megatron model built on the meta device. ``load_megatron_state`` is the other way to read a
+checkpoint: through a whole Megatron model, as the trainer does (the tests' reference).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
-import struct
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -41,28 +40,15 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from model import keymap
 from model.config import ConfigError, Dtype, ModelConfig, ParallelConfig, PrecisionConfig, TransformerImpl
-from model.hf_config import HF_DTYPES, MODEL_TYPE, model_from_hf, nld_config
+from model.hf import REMOTE_CODE, keymap
+from model.hf.config_json import HF_DTYPES, MODEL_TYPE, model_from_hf, nld_config
+from model.hf.safetensors_io import SafetensorsSource, write_safetensors
 from model.megatron import build_model
 from tandem_kernels.masks import CleanAttention
 from train import checkpoint as ckpt
 from train.config import TrainConfig
 from train.objectives import ObjectiveConfig
-
-REPO = Path(__file__).resolve().parents[1]
-# Export file name -> source in this repository.
-REMOTE_CODE = {
-    "configuration_nemotron_labs_diffusion.py": REPO / "model/hf/configuration_nemotron_labs_diffusion.py",
-    "modeling_nemotron_labs_diffusion.py": REPO / "model/hf/modeling_nemotron_labs_diffusion.py",
-    "tandem_decoding.py": REPO / "model/hf/tandem_decoding.py",
-    "tandem_masks.py": REPO / "tandem_kernels/masks.py",
-    "tandem_rope.py": REPO / "model/rope.py",
-}
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-SHARD_SIZE = "5GB"
-# Weight files that are Python pickles (torch.save): refused, never loaded.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass
@@ -262,160 +248,16 @@ class SavedTensors:
         return target[0] if entry.layer is not None else target
 
 
-class _SafetensorsFile:
-    """A safetensors file written a tensor at a time.
-
-    safetensors' ``save_file`` takes every tensor of the file at once: a whole shard (up to SHARD_SIZE,
-    the whole model below it) in memory, and twice that in the versions that copy the tensors to
-    bytes first. The format is a little-endian u64 header length, a JSON header (name -> dtype,
-    shape, byte range) and the tensors' bytes back to back; the header is fixed here from
-    ``planned`` (meta tensors, in write order), and each tensor is appended as it is converted."""
-
-    def __init__(self, file, name: str, planned: dict[str, torch.Tensor]):
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for tensor_name, tensor in planned.items():
-            size = tensor.numel() * tensor.element_size()
-            header[tensor_name] = {
-                "dtype": SAFETENSORS_DTYPES[tensor.dtype],
-                "shape": list(tensor.shape),
-                "data_offsets": [offset, offset + size],
-            }
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # keeps the tensors 8-byte aligned, as safetensors itself does
-        self.name, self._file, self._planned = name, file, iter(planned.items())
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        got = (name, tuple(tensor.shape), tensor.dtype)
-        planned = next(self._planned, None)
-        expected = None if planned is None else (planned[0], tuple(planned[1].shape), planned[1].dtype)
-        if got != expected:
-            raise RuntimeError(f"{self.name}: got {got}; the header planned {expected or 'no more tensors'}")
-        self._file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-    def check_complete(self) -> None:
-        left = next(self._planned, None)
-        if left is not None:
-            raise RuntimeError(f"{self.name}: its tensor {left[0]} was never written")
-
-
 def _export_weights(saved: SavedTensors, cfg: ModelConfig, dtype: torch.dtype, folder: Path) -> None:
-    """``model.safetensors`` or shards of at most SHARD_SIZE with ``model.safetensors.index.json``,
-    written a tensor at a time (memory: the largest tensor, not the model)."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
+    """The export's safetensors, streamed from the checkpoint (memory: the largest tensor, not the model)."""
     entries = keymap.entries(cfg, keymap.LAYOUTS[MODEL_TYPE])
     planned: dict[str, torch.Tensor] = {}
     for entry in entries:  # the conversion run on meta tensors: names, shapes and order, no data
         planned.update(keymap.entry_to_hf(entry, saved.placeholder(entry, dtype), cfg))
-    split = split_torch_state_dict_into_shards(planned, max_shard_size=SHARD_SIZE)
-    with contextlib.ExitStack() as stack:
-        files = {
-            filename: _SafetensorsFile(
-                stack.enter_context(open(folder / filename, "wb")), filename, {n: planned[n] for n in names}
-            )
-            for filename, names in split.filename_to_tensors.items()
-        }
-        for entry in entries:
-            for name, tensor in keymap.entry_to_hf(entry, saved.read(entry, dtype), cfg).items():
-                files[split.tensor_to_filename[name]].write(name, tensor)
-        for file in files.values():
-            file.check_complete()
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-class _SafetensorsSource:
-    """The tensors of a Hugging Face folder's safetensors files, read and converted an entry at a time."""
-
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._file_of = {name: folder / file for name, file in weight_map.items()}
-        elif (folder / "model.safetensors").is_file():
-            with safe_open(str(folder / "model.safetensors"), "pt") as f:
-                self._file_of = dict.fromkeys(f.keys(), folder / "model.safetensors")
-        else:
-            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-            raise FileNotFoundError(
-                f"{folder} has no model.safetensors (or index); only safetensors weights are read"
-                + (
-                    f": {', '.join(pickles[:3])} are pickles, which can run code when loaded, and are "
-                    "never unpickled here; convert them to safetensors where you trust them"
-                    if pickles
-                    else ""
-                )
-            )
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._file_of
-
-    def shape(self, name: str) -> tuple[int, ...] | None:
-        """A stored tensor's shape, from its file's header (nothing is read); None when absent."""
-        from safetensors import safe_open
-
-        if name not in self._file_of:
-            return None
-        with safe_open(str(self._file_of[name]), "pt") as f:
-            return tuple(f.get_slice(name).get_shape())
-
-    def check_sizes(self, layout: keymap.HfLayout, model: ModelConfig) -> None:
-        """``ConfigError`` when config.json's sizes are not those of the stored weights (an absurd or
-        mismatched config is refused from the headers, before anything is allocated)."""
-        embedding = f"{layout.prefix}embed_tokens.weight"
-        down = f"{layout.prefix}layers.0.mlp.down_proj.weight"
-        expected = {
-            embedding: (model.vocab_size, model.hidden_size),
-            down: (model.hidden_size, model.ffn_hidden_size),
-        }
-        for name, shape in expected.items():
-            stored = self.shape(name)
-            if stored is not None and stored != shape:
-                raise ConfigError(
-                    f"config.json's sizes (vocab_size, hidden_size, intermediate_size) make {name} "
-                    f"{list(shape)} but the weights store {list(stored)}: the config does not belong to them"
-                )
-        layers = f"{layout.prefix}layers."
-        stored = {int(n[len(layers) :].split(".")[0]) for n in self._file_of if n.startswith(layers)}
-        if stored and stored != set(range(model.num_layers)):
-            raise ConfigError(
-                f"config.json num_hidden_layers={model.num_layers} but the weights hold {len(stored)} layers"
-            )
-
-    def dtypes(self) -> set[str]:
-        """The safetensors dtype names (``BF16``, ``F32``, ...) of the stored tensors, from the headers."""
-        from safetensors import safe_open
-
-        found = set()
-        for path in set(self._file_of.values()):
-            with safe_open(str(path), "pt") as f:
-                found |= {f.get_slice(n).get_dtype() for n, p in self._file_of.items() if p == path}
-        return found
-
-    def convert(self, entry: keymap.Entry, cfg: ModelConfig, dtype: torch.dtype) -> torch.Tensor:
-        """``entry``'s whole Megatron tensor, in ``dtype`` and in memory of its own."""
-        from safetensors import safe_open
-
-        missing = [n for n in entry.hf if n not in self._file_of]
-        if missing:
-            raise KeyError(keymap.missing_hf_message(missing[0], entry))
-        read = {}
-        # The tensors view the file's mapping, and every page read stays resident while it is open:
-        # one opening per entry keeps one entry resident instead of the whole file.
-        for path in dict.fromkeys(self._file_of[n] for n in entry.hf):
-            with safe_open(str(path), "pt") as f:
-                read.update({n: f.get_tensor(n) for n in entry.hf if self._file_of[n] == path})
-        tensor = keymap.entry_from_hf(entry, [read[n] for n in entry.hf], cfg).to(dtype)
-        # A conversion that only renames hands back the source tensor itself, a view of the mapping.
-        if any(tensor.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in read.values()):
-            tensor = tensor.clone()
-        return tensor
+    converted = (
+        item for entry in entries for item in keymap.entry_to_hf(entry, saved.read(entry, dtype), cfg).items()
+    )
+    write_safetensors(folder, planned, converted)
 
 
 def export_checkpoint(
@@ -494,7 +336,7 @@ def import_hf(
     source_vocab = model.vocab_size
     nld = hf.get("model_type") == MODEL_TYPE
     layout = keymap.LAYOUTS[MODEL_TYPE if nld else "llama"]
-    source = _SafetensorsSource(hf_dir)
+    source = SafetensorsSource(hf_dir)
     source.check_sizes(layout, model)
     tied = bool(hf.get("tie_word_embeddings", False)) and layout.head not in source
     # A tokenizer needs no remote code; left unsaid, transformers asks on the terminal whether to run

@@ -1,1 +1,0 @@
-../../tandem_kernels/masks.py
