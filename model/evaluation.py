@@ -31,8 +31,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from model.hf import MODES, load_export
+from model.hf import load_export, mode_named
 from model.hf.config_json import HF_DTYPES
+from model.hf.tandem_decoding import tokens_per_forward
 
 # Weights' dtype in evaluation: the export dtypes, and float64 for checks free of near-tie flips.
 DTYPES = {**HF_DTYPES, "float64": torch.float64}
@@ -56,7 +57,7 @@ class RequestRecord:
 
     @property
     def tpf(self) -> float:
-        return self.tokens / max(self.nfe, 1)
+        return tokens_per_forward(self.tokens, self.nfe)
 
     def as_json(self) -> dict:
         return {**asdict(self), "tokens": self.tokens, "tpf": self.tpf}
@@ -116,15 +117,17 @@ class TandemLM(TemplateLM):
         self._reset_generations()
 
     def _set_mode(self, mode: str, block_length: int | None, threshold: float | None) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}; choose one of {', '.join(MODES)}")
-        if mode == "ar" and (block_length is not None or threshold is not None):
-            raise ValueError("block_length and threshold do not apply to mode=ar")
-        if mode == "self_spec_fused" and threshold is not None:
-            raise ValueError("threshold does not apply to self_spec_fused (its drafts come from one pass)")
-        self.mode = mode
-        self.block_length = None if block_length is None else int(block_length)
-        self.threshold = None if threshold is None else float(threshold)
+        """Decode in the mode named ``mode`` with the given options (the mode refuses one it does not
+        take; None: the mode's default)."""
+        chosen = mode_named(mode)
+        options = {}
+        if block_length is not None:
+            options["block_length"] = int(block_length)
+        if threshold is not None:
+            options["threshold"] = float(threshold)
+        chosen.refuse_unknown(options)
+        self.mode = chosen.name
+        self.mode_options = options
 
     def _reset_generations(self) -> None:
         self.generations: list[RequestRecord] = []
@@ -245,13 +248,9 @@ class TandemLM(TemplateLM):
     # ---- generation --------------------------------------------------------------------------
 
     def _decode_options(self, temperature: float) -> dict:
-        options: dict = {"temperature": temperature}
+        options: dict = {"temperature": temperature, **self.mode_options}
         if temperature > 0:
             options["generator"] = torch.Generator(device=self.device).manual_seed(self.seed)
-        if self.block_length is not None:
-            options["block_length"] = self.block_length
-        if self.threshold is not None:
-            options["threshold"] = self.threshold
         return options
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -290,10 +289,10 @@ class TandemLM(TemplateLM):
         for i, ids in enumerate(contexts):
             prompt[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention[i, width - len(ids) :] = 1
-        entry = getattr(self.model, MODES[self.mode])
         start = time.perf_counter()
-        _, passes = entry(
+        _, passes = self.model.decode(
             prompt.to(self.device),
+            self.mode,
             attention_mask=attention.to(self.device),
             max_new_tokens=max_new,
             stop=_stop_check(self.tokenizer, until),
@@ -327,7 +326,7 @@ class TandemLM(TemplateLM):
             "requests": len(self.generations),
             "tokens": tokens,
             "nfe": nfe,
-            "tpf": tokens / max(nfe, 1),
+            "tpf": tokens_per_forward(tokens, nfe),
             "batched_passes": self.batched_passes,
             "seconds": self.generation_seconds,
             "tokens_per_s": tokens / self.generation_seconds if self.generation_seconds else 0.0,

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from model.hf import MODES, decode, encode_prompt, load_export
+from model.hf.tandem_decoding import tokens_per_forward
 
 FALLBACK_PROMPTS = [
     "The river",
@@ -148,7 +149,7 @@ def measure(
         "options": setting.options,
         "tokens": tokens,
         "nfe": nfe,
-        "tpf": tokens / nfe,
+        "tpf": tokens_per_forward(tokens, nfe),
         "tokens_per_s": tokens / seconds,
         "seconds": seconds,
         "passes": passes,
@@ -220,7 +221,6 @@ def batch_scaling(
     pad = pad if pad is not None else 0
     table: dict[str, dict[int, dict]] = {}
     for mode, options in ((m, o) for m, o in BATCH_MODES.items() if m in modes):
-        generate = getattr(model, MODES[mode])
         table[mode] = {}
         for size in sizes:
             tokens, seconds, passes, outputs = 0, 0.0, 0, []
@@ -232,7 +232,9 @@ def batch_scaling(
                     generators = [torch.Generator().manual_seed(first + i) for i in range(len(chunk))]
                     sampling = {"temperature": temperature, "generator": generators}
                 start = time.perf_counter()
-                _, nfe = generate(ids, attention_mask=mask, max_new_tokens=max_new, **options, **sampling)
+                _, nfe = model.decode(
+                    ids, mode, attention_mask=mask, max_new_tokens=max_new, **options, **sampling
+                )
                 seconds += time.perf_counter() - start
                 passes += nfe
                 outputs += [row.tokens for row in model.last_decoded_rows]

@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 
 from data.eval_tasks import GROUP, TASKS, tasks_written, write_tasks
-from model.hf import MODES
+from model.hf import MODES, mode_named
 from model.hf.config_json import HF_DTYPES
 
+# The decoding options of the command line, each passed to the modes that take it.
+DECODING_OPTIONS = ("block_length", "threshold")
 # The figure reported per task, first found first.
 METRICS = ("acc,none", "exact_match,strip", "exact_match,none", "word_perplexity,none", "acc_norm,none")
 
@@ -69,10 +71,10 @@ def model_args(args: argparse.Namespace, mode: str, pretrained: str) -> dict:
         "dtype": args.dtype,
         "device": args.device,
     }
-    if mode != "ar" and args.block_length is not None:
-        values["block_length"] = args.block_length
-    if mode in ("diffusion", "self_spec") and args.threshold is not None:
-        values["threshold"] = args.threshold
+    # One command line serves several modes: each gets the decoding options it takes.
+    for option in DECODING_OPTIONS:
+        if option in mode_named(mode).options and getattr(args, option) is not None:
+            values[option] = getattr(args, option)
     if args.temperature is not None:
         values["temperature"] = args.temperature
     return values
@@ -122,9 +124,7 @@ def main(argv: list[str]) -> int:
     pretrained = first.pretrained  # the export (made once when --model is a checkpoint)
     for mode in args.mode if args.tasks else []:
         # One loaded model for every mode; loglikelihood tasks are scored once (they do not depend on it).
-        options = {
-            k: v for k, v in model_args(args, mode, pretrained).items() if k in ("block_length", "threshold")
-        }
+        options = {k: v for k, v in model_args(args, mode, pretrained).items() if k in DECODING_OPTIONS}
         lm = first.with_mode(mode, **options)
         results = lm_eval.simple_evaluate(
             model=lm,

@@ -6,7 +6,8 @@
 
 Prints the text, or with --json one object with text, ids, nfe, tpf (tokens per forward pass, every
 pass counted) and seconds. The model, the prompt and the sampling generator all live on --device
-(default: the GPU when there is one).
+(default: the GPU when there is one). An option the mode does not take is refused (the modes and
+their options: ``model.hf.MODES``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import torch
 
 from model.hf import MODES, Generation, decode, encode_prompt, load_export
 from model.hf.config_json import HF_DTYPES
+
+# The decoding options of the command line; a mode refuses those it does not take (MODES[mode].options).
+DECODING_OPTIONS = ("block_length", "threshold", "steps")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,9 +53,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--dtype", default="float32", choices=sorted(HF_DTYPES))
     args = parser.parse_args(argv)
-    if args.mode == "self_spec_fused" and args.threshold is not None:
-        parser.error("--threshold does not apply to self_spec_fused (its drafts come from one pass)")
+    mode = MODES[args.mode]
+    for option in decoding_options(args):
+        if option not in mode.options:
+            takes = ", ".join(_flag(o) for o in DECODING_OPTIONS if o in mode.options) or "none of them"
+            parser.error(f"{_flag(option)} does not apply to {mode.name} (it takes {takes})")
     return args
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def decoding_options(args: argparse.Namespace) -> dict:
+    """The decoding options given on the command line (the mode's defaults for the others)."""
+    return {option: getattr(args, option) for option in DECODING_OPTIONS if getattr(args, option) is not None}
 
 
 def main(argv: list[str]) -> int:
@@ -76,16 +92,17 @@ def main(argv: list[str]) -> int:
 def generate(model, tokenizer, args: argparse.Namespace) -> Generation:
     """Decode ``args.prompt`` as the command line asks, on the model's device."""
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
-    options: dict = {"temperature": args.temperature, "generator": generator}
-    if args.mode != "ar" and args.block_length is not None:
-        options["block_length"] = args.block_length
-    if args.mode != "ar" and args.threshold is not None:
-        options["threshold"] = args.threshold
-    if args.mode == "diffusion" and args.steps is not None:
-        options["steps"] = args.steps
-        options.setdefault("threshold", None)
     prompt = encode_prompt(tokenizer, args.prompt)
-    return decode(model, tokenizer, prompt, args.mode, args.max_new_tokens, **options)
+    return decode(
+        model,
+        tokenizer,
+        prompt,
+        args.mode,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        generator=generator,
+        **decoding_options(args),
+    )
 
 
 if __name__ == "__main__":

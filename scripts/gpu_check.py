@@ -555,6 +555,7 @@ def stage_export(check: Check) -> dict:
 
 def stage_decode(check: Check) -> dict:
     from model.hf import MODES, load_export
+    from model.hf.tandem_decoding import tokens_per_forward
 
     folder = check.work / "export"
     if not (folder / "config.json").is_file():
@@ -565,24 +566,25 @@ def stage_decode(check: Check) -> dict:
     prompts = [torch.randint(3, vocab, (1, n), generator=generator) for n in check.prompt_lengths]
     figures: dict = {}
     outputs: dict[str, list] = {}
-    for mode, method in MODES.items():
+    for mode in MODES:
         tokens = passes = 0
         seconds = 0.0
         outputs[mode] = []
         for prompt in prompts:
             synchronize()
             start = time.perf_counter()
-            ids, nfe = getattr(model, method)(
-                prompt.to(check.device), max_new_tokens=check.new_tokens, eos_token_id=[]
+            ids, nfe = model.decode(
+                prompt.to(check.device), mode, max_new_tokens=check.new_tokens, eos_token_id=[]
             )
             synchronize()
             seconds += time.perf_counter() - start
             new = ids[0, prompt.shape[1] :].tolist()
             outputs[mode].append(new)
             tokens, passes = tokens + len(new), passes + nfe
-        figures[mode] = {"tpf": tokens / passes, "tokens_per_s": tokens / seconds}
-        sampled, _ = getattr(model, method)(
+        figures[mode] = {"tpf": tokens_per_forward(tokens, passes), "tokens_per_s": tokens / seconds}
+        sampled, _ = model.decode(
             prompts[0].to(check.device),
+            mode,
             max_new_tokens=16,
             temperature=0.8,
             eos_token_id=[],

@@ -18,7 +18,8 @@ import sys
 import torch
 
 from data.corpora import default_demo_dir, prepare_demo
-from model.hf import decode, encode_prompt, load_export
+from model.hf import MODES, decode, encode_prompt, load_export
+from model.hf.tandem_decoding import tokens_per_forward
 from train.config import compose_config
 from train.convert import export_checkpoint
 from train.logger import read_metrics
@@ -55,11 +56,11 @@ def decode_modes(export) -> None:
     model, tokenizer = load_export(export)
     rows = []
     with torch.no_grad():
-        for mode in ("ar", "diffusion", "self_spec", "self_spec_fused"):
+        for mode in MODES:
             results = [decode(model, tokenizer, encode_prompt(tokenizer, p), mode, 48) for p in PROMPTS]
             tokens, nfe = sum(len(r.ids) for r in results), sum(r.nfe for r in results)
             seconds = sum(r.seconds for r in results)
-            rows.append((mode, tokens / nfe, tokens / seconds))
+            rows.append((mode, tokens_per_forward(tokens, nfe), tokens / seconds))
             print(f"\n[{mode}] {PROMPTS[0]!r} -> {results[0].text!r}")
     ar_speed = rows[0][2]
     print(f"\n{'mode':16s} {'tokens/forward':>15s} {'tokens/s':>9s} {'vs AR':>6s}")

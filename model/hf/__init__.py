@@ -2,7 +2,7 @@
 
 Shipped in every export folder, the remote code ``AutoModel.from_pretrained(dir,
 trust_remote_code=True)`` runs: ``configuration_nemotron_labs_diffusion``,
-``modeling_nemotron_labs_diffusion``, ``tandem_decoding`` (the decoders),
+``modeling_nemotron_labs_diffusion``, ``tandem_decoding`` (the decoders and their registry ``MODES``),
 and beside them two of Tandem's own modules under sibling names (``SIBLINGS``): the attention-mask
 predicates and the rotary tables.
 
@@ -40,8 +40,19 @@ REMOTE_CODE = {
     **{f"{name}.py": Path(module.__file__) for name, module in SIBLINGS.items()},
 }
 
-# The public entry points.
-from model.hf.generation import MODES, Generation, decode, encode_prompt  # noqa: E402
+# The public entry points; after the aliases, which tandem_decoding's own imports need.
+from model.hf.generation import Generation, decode, encode_prompt  # noqa: E402
 from model.hf.load import load_export  # noqa: E402
+from model.hf.tandem_decoding import MODES, Mode, mode_named  # noqa: E402
 
-__all__ = ["MODES", "REMOTE_CODE", "SIBLINGS", "Generation", "decode", "encode_prompt", "load_export"]
+__all__ = [
+    "MODES",
+    "REMOTE_CODE",
+    "SIBLINGS",
+    "Generation",
+    "Mode",
+    "decode",
+    "encode_prompt",
+    "load_export",
+    "mode_named",
+]

@@ -1,7 +1,8 @@
 """One decode of a loaded export, timed, for the command line, the benchmark, the quickstart and the
 golden record; and prompts encoded exactly as the export's tokenizer does.
 
-The decoding itself is the export's remote code; this module times one call of a mode's entry point.
+The decoding itself is the export's remote code (``NemotronLabsDiffusionModel.decode``); a mode is
+named here, and the loaded model looks it up in its own copy of ``tandem_decoding.MODES``.
 """
 
 from __future__ import annotations
@@ -11,14 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Mode name -> the export's entry point.
-MODES = {
-    "ar": "ar_generate",
-    "diffusion": "generate",
-    "self_spec": "linear_spec_generate",
-    # Self-speculation with drafting folded into the verify pass (one pass per iteration).
-    "self_spec_fused": "fused_spec_generate",
-}
+from model.hf.tandem_decoding import tokens_per_forward
 
 
 @dataclass
@@ -33,7 +27,7 @@ class Generation:
 
     @property
     def tpf(self) -> float:
-        return len(self.ids) / max(self.nfe, 1)
+        return tokens_per_forward(len(self.ids), self.nfe)
 
     def as_json(self) -> dict:
         return {
@@ -58,16 +52,16 @@ def encode_prompt(tokenizer, prompt: str) -> torch.Tensor:
 def decode(
     model, tokenizer, prompt_ids: torch.Tensor, mode: str, max_new_tokens: int, **options
 ) -> Generation:
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r} does not exist; choose one of {', '.join(MODES)}")
-    if not hasattr(model, MODES[mode]):
+    """``prompt_ids`` [1, P] decoded by ``model`` in the mode named ``mode`` with its ``options`` (and
+    ``decode``'s own: temperature, generator, eos_token_id, ...), timed."""
+    if not hasattr(model, "decode"):
         raise ValueError(
-            f"this export's remote code has no {MODES[mode]} (mode {mode!r}); it was written by an older "
-            "Tandem: export the checkpoint again with scripts/export_hf.py --overwrite"
+            "this export's remote code has no decode method; it was written by an older Tandem: export "
+            "the checkpoint again with scripts/export_hf.py --overwrite"
         )
     prompt_ids = prompt_ids.to(model.device)
     start = time.perf_counter()
-    out, nfe = getattr(model, MODES[mode])(prompt_ids, max_new_tokens=max_new_tokens, **options)
+    out, nfe = model.decode(prompt_ids, mode, max_new_tokens=max_new_tokens, **options)
     seconds = time.perf_counter() - start
     new = out[0, prompt_ids.shape[1] :].tolist()
     details = model.last_decoded

@@ -11,11 +11,12 @@ Llama/Mistral-style decoder: RMSNorm, GQA attention with RoPE, SwiGLU) and an un
 - ``fused_spec_generate``: self-speculation with drafting and verifying in one pass per iteration
   (Tandem's addition, TiDAR's layout; same output as ``linear_spec_generate`` at temperature 0);
 
-each returning ``(ids, nfe)``: prompt plus generated ids, and the number of forward passes.
+each returning ``(ids, nfe)``: prompt plus generated ids, and the number of forward passes. They are
+thin wrappers over ``decode``, which takes the mode (``tandem_decoding.MODES``) and its options.
 ``forward`` also takes the NLD training call (``labels``, ``masked_indices``, ``p_mask`` with
 ``dlm_paradigm="block_diff"``) and returns the joint loss Tandem's trainer computes. Attention masks
-come from ``tandem_masks`` and rotary tables from ``tandem_rope``, byte-for-byte the modules Tandem
-trains with.
+come from ``tandem_masks`` and rotary tables from ``tandem_rope``: the modules Tandem trains with,
+copied into the folder.
 
 Legend: B batch, S sequence, T keys (cache + sequence), N heads, G key/value groups, H head_dim.
 """
@@ -33,16 +34,8 @@ from transformers.utils import ModelOutput
 
 # `from .module import names` is the form transformers recognises to copy sibling files of remote code.
 from .configuration_nemotron_labs_diffusion import NemotronLabsDiffusionConfig
-from .tandem_decoding import (
-    AutoregressiveDecoder,
-    BlockDiffusionDecoder,
-    FusedSelfSpeculativeDecoder,
-    KVCache,
-    Pass,
-    SelfSpeculativeDecoder,
-    decode_batch,
-)
-from .tandem_masks import CleanAttention, bidirectional, block_diffusion, causal, dense, shifted
+from .tandem_decoding import DIFFUSION_THRESHOLD, KVCache, Mode, Pass, decode_batch, mode_named
+from .tandem_masks import CleanAttention, MaskMod, bidirectional, block_diffusion, causal, dense, shifted
 from .tandem_rope import cos_sin, inverse_frequencies, query_scale, rotate
 
 
@@ -227,6 +220,20 @@ class NemotronLabsDiffusionOutput(ModelOutput):
         return self.cache
 
 
+def training_mask(config: NemotronLabsDiffusionConfig, seq_len: int) -> MaskMod:
+    """The joint training mask over [x_t ; x_0] of a clean sequence of ``seq_len`` tokens."""
+    return block_diffusion(seq_len, config.block_size, CleanAttention(config.clean_attention))
+
+
+# dlm_paradigm -> the attention of a call without a mask over ``length`` tokens ("block_diff": the
+# training sequence [x_t ; x_0], each half at positions 0 .. length/2 - 1).
+PARADIGM_MASKS = {
+    "autoregressive": lambda config, length: causal(),
+    "bidirectional": lambda config, length: bidirectional(),
+    "block_diff": lambda config, length: training_mask(config, length // 2),
+}
+
+
 class NemotronLabsDiffusionModel(PreTrainedModel):
     config_class = NemotronLabsDiffusionConfig
     base_model_prefix = "encoder"
@@ -250,18 +257,6 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
 
     def _logits(self, input_ids, position_ids, mask, cache=None):
         return self.diffusion_head(self.encoder.run(input_ids, position_ids, mask, cache))
-
-    def _paradigm_mask(self, paradigm: str, length: int, device) -> torch.Tensor:
-        if paradigm == "autoregressive":
-            return dense(causal(), length, length, device=device)
-        if paradigm == "bidirectional":
-            return dense(bidirectional(), length, length, device=device)
-        half = length // 2
-        return dense(self._training_mask(half), length, length, device=device)
-
-    def _training_mask(self, seq_len: int):
-        clean = CleanAttention(self.config.clean_attention)
-        return block_diffusion(seq_len, self.config.block_size, clean)
 
     def forward(
         self,
@@ -309,6 +304,8 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
                 logits=self.diffusion_head(out.last_hidden_state), cache=past_key_values
             )
         paradigm = dlm_paradigm or self.config.dlm_paradigm
+        if paradigm not in PARADIGM_MASKS:
+            raise ValueError(f"dlm_paradigm={paradigm!r}; allowed: {', '.join(PARADIGM_MASKS)}")
         if labels is not None and paradigm == "block_diff":
             return self._joint_forward(
                 input_ids, labels, masked_indices, p_mask, loss_mask, ar_labels, skip_loss
@@ -319,7 +316,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
             if paradigm == "block_diff" and attention_mask is None:
                 position_ids = torch.arange(S // 2, device=input_ids.device).repeat(2).expand(B, S)
         if attention_mask is None:
-            mask = self._paradigm_mask(paradigm, S, input_ids.device)
+            mask = dense(PARADIGM_MASKS[paradigm](self.config, S), S, S, device=input_ids.device)
         elif attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
             mask = attention_mask
         else:
@@ -344,7 +341,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         noisy = torch.where(masked_indices, torch.full_like(clean, self.config.mask_token_id), clean)
         tokens = torch.cat([noisy, clean], dim=1)
         positions = torch.arange(L, device=device).repeat(2).expand(B, 2 * L)
-        mask = dense(self._training_mask(L), 2 * L, 2 * L, device=device)
+        mask = dense(training_mask(self.config, L), 2 * L, 2 * L, device=device)
         logits = self._logits(tokens, positions, mask)
         diffusion_logits, causal_logits = logits[:, :L], logits[:, L:]
         if skip_loss:
@@ -379,20 +376,29 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         mask = None if batch.mask.shape[0] == 1 and bool(batch.mask.all()) else batch.mask
         return self._logits(batch.tokens, batch.positions, mask, cache)
 
-    def _decode(
+    def decode(
         self,
-        decoder,
         prompt_ids,
-        max_new_tokens,
-        temperature,
-        eos_token_id,
-        generator,
-        attention_mask=None,
-        mask_token_id=None,
-        lookahead: int = 1,
+        mode: Mode | str = "ar",
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        eos_token_id=None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mask_token_id: int | None = None,
         stop=None,
+        **options,
     ):
-        prompts = self._check_prompt(prompt_ids, attention_mask, max_new_tokens, lookahead)
+        """Decoding of ``prompt_ids`` [B, P] (left-padded per ``attention_mask`` [B, P]: 1 = token,
+        0 = padding) in ``mode`` (a ``tandem_decoding.Mode``, or its name in ``MODES``: "ar",
+        "diffusion", "self_spec", "self_spec_fused") with the mode's ``options`` (``Mode.options``;
+        None: the mode's default). ``generator``: one, or one per row, on the model's device; ``stop``:
+        called with a row's tokens after each one, True ends the row. Returns (the prompts as given,
+        then each row's generated ids right-padded: [B, P+N]; batched forward passes);
+        ``last_decoded_rows`` keeps each row's ``Decoded`` (tokens, passes by kind, accepted drafts)."""
+        mode = mode_named(mode) if isinstance(mode, str) else mode
+        decoder = mode.decoder(self.config.block_size, **options)
+        prompts = self._check_prompt(prompt_ids, attention_mask, max_new_tokens, mode.lookahead)
         eos = eos_token_id if eos_token_id is not None else getattr(self.config, "eos_token_id", None)
         eos_ids = set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
         mask_id = self.config.mask_token_id if mask_token_id is None else mask_token_id
@@ -452,15 +458,8 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
             )
         return prompts
 
-    def _check_block(self, block_length: int | None) -> int:
-        block_length = block_length or self.config.block_size
-        if block_length < 2 or block_length > self.config.block_size:
-            raise ValueError(
-                f"block_length={block_length}: this model was trained with blocks of "
-                f"{self.config.block_size} "
-                f"tokens; use a block length between 2 and {self.config.block_size}"
-            )
-        return block_length
+    # NLD's entry points (and Tandem's fused one): ``decode`` in one mode each. NLD's scripts pass
+    # arguments these modes do not use; ``**kwargs`` takes and ignores them, as NLD's own code does.
 
     def ar_generate(
         self,
@@ -473,17 +472,9 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         stop=None,
         **kwargs,
     ):
-        """Autoregressive decoding of ``prompt_ids`` [B, P] (left-padded per ``attention_mask``);
-        returns (prompts + generated ids [B, P+N], forward passes)."""
-        return self._decode(
-            AutoregressiveDecoder(),
-            prompt_ids,
-            max_new_tokens,
-            temperature,
-            eos_token_id,
-            generator,
-            attention_mask=attention_mask,
-            stop=stop,
+        """Autoregressive decoding; returns (prompts + generated ids [B, P+N], forward passes)."""
+        return self.decode(
+            prompt_ids, "ar", max_new_tokens, temperature, eos_token_id, generator, attention_mask, stop=stop
         )
 
     def generate(
@@ -492,7 +483,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         max_new_tokens: int = 128,
         steps: int | None = None,
         block_length: int | None = None,
-        threshold: float | None = 0.9,
+        threshold: float | None = DIFFUSION_THRESHOLD,
         temperature: float = 0.0,
         eos_token_id=None,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -501,16 +492,18 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         **kwargs,
     ):
         """Block diffusion; ``threshold`` commits confident tokens (None: ``steps`` passes per block)."""
-        decoder = BlockDiffusionDecoder(self._check_block(block_length), threshold=threshold, steps=steps)
-        return self._decode(
-            decoder,
+        return self.decode(
             prompt_ids,
+            "diffusion",
             max_new_tokens,
             temperature,
             eos_token_id,
             generator,
-            attention_mask=attention_mask,
+            attention_mask,
             stop=stop,
+            block_length=block_length,
+            threshold=threshold,
+            steps=steps,
         )
 
     def linear_spec_generate(
@@ -521,33 +514,31 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         temperature: float = 0.0,
         mask_token_id: int | None = None,
         eos_token_id=None,
-        threshold: float = 0.0,
+        threshold: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         attention_mask: torch.Tensor | None = None,
         draft_steps: int | None = None,
-        verification: str = "rejection",
+        verification: str | None = None,
         stop=None,
         **kwargs,
     ):
         """Self-speculation: diffusion drafts a block, the AR pass verifies it (lossless at temperature 0;
-        at temperature > 0 speculative sampling keeps AR's distribution). ``threshold`` > 0 or
-        ``draft_steps`` refine each draft over several passes."""
-        decoder = SelfSpeculativeDecoder(
-            self._check_block(block_length),
-            draft_threshold=threshold,
-            draft_steps=draft_steps,
-            verification=verification,
-        )
-        return self._decode(
-            decoder,
+        at temperature > 0 speculative sampling keeps AR's distribution, or ``verification="exact"``
+        exact matches). ``threshold`` > 0 or ``draft_steps`` refine each draft over several passes."""
+        return self.decode(
             prompt_ids,
+            "self_spec",
             max_new_tokens,
             temperature,
             eos_token_id,
             generator,
-            attention_mask=attention_mask,
-            mask_token_id=mask_token_id,
-            stop=stop,
+            attention_mask,
+            mask_token_id,
+            stop,
+            block_length=block_length,
+            threshold=threshold,
+            draft_steps=draft_steps,
+            verification=verification,
         )
 
     def fused_spec_generate(
@@ -560,25 +551,24 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         eos_token_id=None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         attention_mask: torch.Tensor | None = None,
-        verification: str = "rejection",
-        redraft: bool = False,
+        verification: str | None = None,
+        redraft: bool | None = None,
         stop=None,
     ):
         """Self-speculation in one pass per iteration: the verify pass also drafts the next block for
         every possible acceptance length (``block_length`` + ``block_length``^2 slots per pass);
         ``redraft`` drafts again, in one more pass, a pre-draft that did not foresee the AR token."""
-        decoder = FusedSelfSpeculativeDecoder(
-            self._check_block(block_length), verification=verification, redraft=redraft
-        )
-        return self._decode(
-            decoder,
+        return self.decode(
             prompt_ids,
+            "self_spec_fused",
             max_new_tokens,
             temperature,
             eos_token_id,
             generator,
-            attention_mask=attention_mask,
-            mask_token_id=mask_token_id,
-            lookahead=2,
-            stop=stop,
+            attention_mask,
+            mask_token_id,
+            stop,
+            block_length=block_length,
+            verification=verification,
+            redraft=redraft,
         )

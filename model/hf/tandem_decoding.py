@@ -27,6 +27,10 @@ while another appends one. The model side is one call, ``step(batch: Pass, cache
   ``redraft`` a pre-draft whose own guess for that slot was not the AR token is drafted again from
   it, one extra bidirectional pass.
 
+``MODES`` names each mode (``Mode``: how it builds its decoder from options, the options it takes,
+how far past the emitted tokens its passes reach); the export's entry points, the command line, the
+benchmark and the evaluation harness all decode through it.
+
 The mask token is never emitted (its logit is set to -inf before choosing). Every tensor a decoder
 makes is created on the model's device (``device`` of ``decode_batch``), where the logits and the
 cache are; a sampling generator must live there too. Imports nothing outside torch and its sibling
@@ -37,6 +41,7 @@ Legend: B batch, S new tokens of a pass, T keys (cache + new), G key/value group
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
@@ -128,7 +133,13 @@ class Decoded:
 
     @property
     def tpf(self) -> float:
-        return len(self.tokens) / max(self.nfe, 1)
+        return tokens_per_forward(len(self.tokens), self.nfe)
+
+
+def tokens_per_forward(tokens: int, passes: int) -> float:
+    """TPF: generated tokens per forward pass, every pass counted (prefill, denoise, append, draft,
+    verify, redraft)."""
+    return tokens / max(passes, 1)
 
 
 @dataclass
@@ -444,8 +455,14 @@ def _fill(row: Row, kind: str, seed: torch.Tensor, length: int, rule) -> Program
     return Draft(block, probs if probs is not None else torch.empty(0, device=row.device))
 
 
+# Fast-dLLM's commit confidence (Wu et al. 2025), the default of block diffusion and of NLD's ``generate``.
+DIFFUSION_THRESHOLD = 0.9
+
+
 class BlockDiffusionDecoder(Decoder):
-    def __init__(self, block_length: int, threshold: float | None = 0.9, steps: int | None = None):
+    def __init__(
+        self, block_length: int, threshold: float | None = DIFFUSION_THRESHOLD, steps: int | None = None
+    ):
         """``threshold``: confidence-threshold commits; None -> ``steps`` passes per block instead."""
         if block_length < 2:
             raise ValueError(f"block_length={block_length} must be >= 2 (the seed plus masked slots)")
@@ -606,3 +623,83 @@ class FusedSelfSpeculativeDecoder(Decoder):
                 draft = yield from _fill(row, "redraft", row.tensor([bonus]), D, ConfidenceThreshold(0.0))
             else:
                 draft = self._predraft(row, predraft_logits, row.tensor([bonus]))
+
+
+# ---- the modes ---------------------------------------------------------------------------------------
+
+
+def _block_diffusion(
+    block_length: int, threshold: float | None = None, steps: int | None = None
+) -> BlockDiffusionDecoder:
+    # Steps per block replace the threshold rule only when no threshold is given.
+    if threshold is None and steps is None:
+        threshold = DIFFUSION_THRESHOLD
+    return BlockDiffusionDecoder(block_length, threshold=threshold, steps=steps)
+
+
+def _self_speculation(
+    block_length: int, threshold: float = 0.0, draft_steps: int | None = None, verification: str = "rejection"
+) -> SelfSpeculativeDecoder:
+    # NLD calls the draft confidence of linear_spec_generate ``threshold``.
+    return SelfSpeculativeDecoder(
+        block_length, draft_threshold=threshold, draft_steps=draft_steps, verification=verification
+    )
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A decoding mode: ``build`` makes its decoder from the mode's options, which are the keyword
+    parameters of ``build`` (their defaults are the mode's); ``lookahead``: blocks a pass may place
+    beyond the last emitted token (what the context must leave room for)."""
+
+    name: str
+    build: Callable[..., Decoder]
+    lookahead: int = 1
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return tuple(inspect.signature(self.build).parameters)
+
+    def refuse_unknown(self, options) -> None:
+        """``ValueError`` naming the first of ``options`` (names) this mode does not take."""
+        for option in options:
+            if option not in self.options:
+                takes = ", ".join(self.options) or "no options"
+                raise ValueError(f"{option} does not apply to mode {self.name} (it takes {takes})")
+
+    def decoder(self, trained_block_size: int, **options) -> Decoder:
+        """The decoder for ``options``, None meaning the mode's default; a ``block_length`` must be one
+        the model was trained for (2 .. ``trained_block_size``; None: ``trained_block_size``)."""
+        self.refuse_unknown(options)
+        given = {name: value for name, value in options.items() if value is not None}
+        if "block_length" in self.options:
+            given["block_length"] = _block_length(given.get("block_length"), trained_block_size)
+        return self.build(**given)
+
+
+def _block_length(block_length: int | None, trained: int) -> int:
+    block_length = block_length or trained
+    if block_length < 2 or block_length > trained:
+        raise ValueError(
+            f"block_length={block_length}: this model was trained with blocks of {trained} tokens; use a "
+            f"block length between 2 and {trained}"
+        )
+    return block_length
+
+
+MODES: dict[str, Mode] = {
+    mode.name: mode
+    for mode in (
+        Mode("ar", AutoregressiveDecoder),
+        Mode("diffusion", _block_diffusion),
+        Mode("self_spec", _self_speculation),
+        # Pre-drafts of the next block sit one block past the verified one.
+        Mode("self_spec_fused", FusedSelfSpeculativeDecoder, lookahead=2),
+    )
+}
+
+
+def mode_named(name: str) -> Mode:
+    if name not in MODES:
+        raise ValueError(f"mode {name!r} does not exist; choose one of {', '.join(MODES)}")
+    return MODES[name]

@@ -25,15 +25,16 @@ def model():
     return tiny_model(vocab=97, seed=0, std=0.3)  # peaked logits: drafts that are often right
 
 
-MODES = {
-    "ar": ("ar_generate", {}),
-    "diffusion": ("generate", {"block_length": 4, "threshold": 0.6}),
-    "diffusion_steps": ("generate", {"block_length": 8, "threshold": None, "steps": 3}),
-    "self_spec": ("linear_spec_generate", {"block_length": 4}),
-    "self_spec_refined": ("linear_spec_generate", {"block_length": 8, "draft_steps": 3}),
-    "self_spec_threshold": ("linear_spec_generate", {"block_length": 8, "threshold": 0.5}),
-    "self_spec_fused": ("fused_spec_generate", {"block_length": 4}),
-    "self_spec_fused_redraft": ("fused_spec_generate", {"block_length": 4, "redraft": True}),
+# Settings: (mode, its options).
+SETTINGS = {
+    "ar": ("ar", {}),
+    "diffusion": ("diffusion", {"block_length": 4, "threshold": 0.6}),
+    "diffusion_steps": ("diffusion", {"block_length": 8, "threshold": None, "steps": 3}),
+    "self_spec": ("self_spec", {"block_length": 4}),
+    "self_spec_refined": ("self_spec", {"block_length": 8, "draft_steps": 3}),
+    "self_spec_threshold": ("self_spec", {"block_length": 8, "threshold": 0.5}),
+    "self_spec_fused": ("self_spec_fused", {"block_length": 4}),
+    "self_spec_fused_redraft": ("self_spec_fused", {"block_length": 4, "redraft": True}),
 }
 PROMPTS = [[1, 17, 40, 9, 33], [5], [2, 60, 61, 62, 63, 64, 65, 8, 12], [44, 45]]
 
@@ -45,19 +46,15 @@ def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_batch_decodes_every_row_as_alone(model, mode):
-    method, options = MODES[mode]
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_a_batch_decodes_every_row_as_alone(model, setting):
+    mode, options = SETTINGS[setting]
     alone = []
     for prompt in PROMPTS:
-        ids, nfe = getattr(model, method)(
-            torch.tensor([prompt]), max_new_tokens=13, eos_token_id=[], **options
-        )
+        ids, nfe = model.decode(torch.tensor([prompt]), mode, max_new_tokens=13, eos_token_id=[], **options)
         alone.append((ids[0, len(prompt) :].tolist(), nfe, dict(model.last_decoded.passes)))
     ids, mask = left_padded(PROMPTS)
-    out, passes = getattr(model, method)(
-        ids, attention_mask=mask, max_new_tokens=13, eos_token_id=[], **options
-    )
+    out, passes = model.decode(ids, mode, attention_mask=mask, max_new_tokens=13, eos_token_id=[], **options)
     assert out.shape == (len(PROMPTS), ids.shape[1] + 13)
     assert torch.equal(out[:, : ids.shape[1]], ids)  # the prompts as given, padding kept
     for row, (tokens, nfe, kinds) in zip(model.last_decoded_rows, alone, strict=True):
@@ -127,11 +124,17 @@ def small_vocab_model():
     return tiny_model(vocab=9, seed=4, std=0.5)
 
 
-def sample_counts(model, method, prompt, temperature, **options) -> tuple[dict, list[int]]:
+def sample_counts(model, mode, prompt, temperature, **options) -> tuple[dict, list[int]]:
     ids = torch.tensor([prompt] * ROWS)
     generator = torch.Generator().manual_seed(11)
-    out, _ = getattr(model, method)(
-        ids, max_new_tokens=N_NEW, temperature=temperature, eos_token_id=[], generator=generator, **options
+    out, _ = model.decode(
+        ids,
+        mode,
+        max_new_tokens=N_NEW,
+        temperature=temperature,
+        eos_token_id=[],
+        generator=generator,
+        **options,
     )
     counts: dict = {}
     for row in out[:, len(prompt) :].tolist():
@@ -141,19 +144,19 @@ def sample_counts(model, method, prompt, temperature, **options) -> tuple[dict, 
 
 
 @pytest.mark.parametrize(
-    ("method", "options"),
+    ("mode", "options"),
     [
-        ("ar_generate", {}),
-        ("linear_spec_generate", {"block_length": 2, "verification": "rejection"}),
-        ("linear_spec_generate", {"block_length": 2, "verification": "exact"}),
-        ("fused_spec_generate", {"block_length": 2, "verification": "rejection"}),
+        ("ar", {}),
+        ("self_spec", {"block_length": 2, "verification": "rejection"}),
+        ("self_spec", {"block_length": 2, "verification": "exact"}),
+        ("self_spec_fused", {"block_length": 2, "verification": "rejection"}),
     ],
     ids=["ar", "rejection", "exact", "fused_rejection"],
 )
-def test_sampled_self_speculation_has_the_ar_distribution(small_vocab_model, method, options):
+def test_sampled_self_speculation_has_the_ar_distribution(small_vocab_model, mode, options):
     prompt, temperature = [1, 5, 7], 1.0
     expected = exact_distribution(small_vocab_model, prompt, temperature)
-    counts, _ = sample_counts(small_vocab_model, method, prompt, temperature, **options)
+    counts, _ = sample_counts(small_vocab_model, mode, prompt, temperature, **options)
     stat, critical = chi_square(counts, expected, ROWS)
     assert stat < critical, (stat, critical)
 
@@ -162,16 +165,16 @@ def test_the_test_rejects_a_sampler_with_another_distribution(small_vocab_model)
     """The same statistic refuses samples at another temperature: the check has the power to fail."""
     prompt = [1, 5, 7]
     expected = exact_distribution(small_vocab_model, prompt, 1.0)
-    counts, _ = sample_counts(small_vocab_model, "linear_spec_generate", prompt, 1.5, block_length=2)
+    counts, _ = sample_counts(small_vocab_model, "self_spec", prompt, 1.5, block_length=2)
     stat, critical = chi_square(counts, expected, ROWS)
     assert stat > critical, (stat, critical)
 
 
 def test_rejection_sampling_accepts_more_drafts_than_exact_match(small_vocab_model):
     prompt = [1, 5, 7]
-    _, rejection = sample_counts(small_vocab_model, "linear_spec_generate", prompt, 1.0, block_length=2)
+    _, rejection = sample_counts(small_vocab_model, "self_spec", prompt, 1.0, block_length=2)
     _, exact = sample_counts(
-        small_vocab_model, "linear_spec_generate", prompt, 1.0, block_length=2, verification="exact"
+        small_vocab_model, "self_spec", prompt, 1.0, block_length=2, verification="exact"
     )
     assert sum(rejection) / len(rejection) > sum(exact) / len(exact)
 

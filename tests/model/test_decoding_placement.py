@@ -13,13 +13,14 @@ import torch
 from tests.device_strict import GPU, simulated_gpu, to_host
 from tests.factories import tiny_nld_model
 
-MODES = {
-    "ar": ("ar_generate", {}),
-    "diffusion": ("generate", {"block_length": 4, "threshold": 0.3}),
-    "diffusion_steps": ("generate", {"block_length": 4, "threshold": None, "steps": 2}),
-    "self_spec": ("linear_spec_generate", {"block_length": 4}),
-    "self_spec_iterative_draft": ("linear_spec_generate", {"block_length": 4, "threshold": 0.5}),
-    "self_spec_fused": ("fused_spec_generate", {"block_length": 4}),
+# Settings: (mode, its options).
+SETTINGS = {
+    "ar": ("ar", {}),
+    "diffusion": ("diffusion", {"block_length": 4, "threshold": 0.3}),
+    "diffusion_steps": ("diffusion", {"block_length": 4, "threshold": None, "steps": 2}),
+    "self_spec": ("self_spec", {"block_length": 4}),
+    "self_spec_iterative_draft": ("self_spec", {"block_length": 4, "threshold": 0.5}),
+    "self_spec_fused": ("self_spec_fused", {"block_length": 4}),
 }
 PROMPT = [1, 17, 40, 9, 33]
 
@@ -36,10 +37,11 @@ def model():
     return tiny_nld_model(max_position_embeddings=128, block_size=4, qk_layernorm=True, rope_parameters=yarn)
 
 
-def decode(model, method: str, options: dict, temperature: float, device) -> tuple[list[int], int, dict]:
+def decode(model, mode: str, options: dict, temperature: float, device) -> tuple[list[int], int, dict]:
     generator = torch.Generator(device=device).manual_seed(7) if temperature > 0 else None
-    ids, nfe = getattr(model, method)(
+    ids, nfe = model.decode(
         torch.tensor([PROMPT], device=device),
+        mode,
         max_new_tokens=11,
         temperature=temperature,
         eos_token_id=[],
@@ -51,13 +53,13 @@ def decode(model, method: str, options: dict, temperature: float, device) -> tup
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
-@pytest.mark.parametrize("mode", MODES)
-def test_every_mode_decodes_on_the_device_as_on_the_cpu(model, mode, temperature):
-    method, options = MODES[mode]
-    expected = decode(model, method, options, temperature, "cpu")
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_every_mode_decodes_on_the_device_as_on_the_cpu(model, setting, temperature):
+    mode, options = SETTINGS[setting]
+    expected = decode(model, mode, options, temperature, "cpu")
     on_device = copy.deepcopy(model)
     with simulated_gpu():
-        got = decode(on_device.cuda(), method, options, temperature, "cuda")
+        got = decode(on_device.cuda(), mode, options, temperature, "cuda")
     assert got == expected
 
 

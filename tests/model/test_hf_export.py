@@ -18,11 +18,10 @@ from omegaconf import OmegaConf
 from model import rope
 from model.attention import attention_inputs
 from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
-from model.hf import decode, encode_prompt, keymap, load_export
+from model.hf import MODES, decode, encode_prompt, keymap, load_export
 from model.hf.config_json import model_from_hf
 from model.megatron import build_model, forward
 from tandem_kernels import masks
-from tests.conftest import REPO
 from tests.factories import export_in_transformers, tiny_model
 from tests.model.reference_decoding import (
     reference_ar,
@@ -259,6 +258,13 @@ def test_nld_scripts_module_level_api_gives_our_decoders_output(decode_model, pr
         torch.testing.assert_close(bidirectional, decode_model(ids, dlm_paradigm="bidirectional").logits)
 
 
+def test_every_paradigm_the_config_allows_has_its_mask():
+    from model.hf.configuration_nemotron_labs_diffusion import DLM_PARADIGMS
+    from model.hf.modeling_nemotron_labs_diffusion import PARADIGM_MASKS
+
+    assert set(PARADIGM_MASKS) == set(DLM_PARADIGMS)
+
+
 @pytest.mark.parametrize("pattern", ["causal", "block_decode", "training"])
 def test_hf_logits_equal_megatron(exported, hf_model, pattern):
     model, cfg, _ = exported
@@ -467,64 +473,96 @@ def test_the_mask_token_is_never_emitted(exported, tmp_path):
             model.diffusion_head.weight.abs().max() * 50 * torch.sign(model.encoder.norm.weight)
         )  # the mask token now dominates every logit
     ids = torch.tensor([PROMPTS[0]])
-    for method, kwargs in (
-        ("ar_generate", {}),
-        ("generate", {"threshold": 0.5}),
-        ("linear_spec_generate", {}),
-        ("fused_spec_generate", {}),
-    ):
-        out_ids, _ = getattr(model, method)(ids, max_new_tokens=20, eos_token_id=[], **kwargs)
-        assert 2 not in out_ids[0, len(PROMPTS[0]) :].tolist(), method
+    for mode in MODES:
+        options = {"threshold": 0.5} if mode == "diffusion" else {}
+        out_ids, _ = model.decode(ids, mode, max_new_tokens=20, eos_token_id=[], **options)
+        assert 2 not in out_ids[0, len(PROMPTS[0]) :].tolist(), mode
 
 
 def test_eos_stops_every_mode(decode_model):
     ids = torch.tensor([PROMPTS[1]])
-    for method, kwargs in (
-        ("ar_generate", {}),
-        ("generate", {"block_length": 4}),
-        ("linear_spec_generate", {}),
-        ("fused_spec_generate", {}),
-    ):
-        full = getattr(decode_model, method)(ids, max_new_tokens=20, eos_token_id=[], **kwargs)[0][
+    for mode in MODES:
+        options = {"block_length": 4} if mode == "diffusion" else {}
+        full = decode_model.decode(ids, mode, max_new_tokens=20, eos_token_id=[], **options)[0][
             0, 2:
         ].tolist()
         eos = full[9]  # EOS changes only when decoding stops, not what is decoded before it
         stop = full.index(eos)
-        out, _ = getattr(decode_model, method)(ids, max_new_tokens=20, eos_token_id=eos, **kwargs)
-        assert out[0, 2:].tolist() == full[: stop + 1], method
+        out, _ = decode_model.decode(ids, mode, max_new_tokens=20, eos_token_id=eos, **options)
+        assert out[0, 2:].tolist() == full[: stop + 1], mode
 
 
 def test_sampling_is_reproducible_and_never_emits_the_mask(decode_model):
     ids = torch.tensor([PROMPTS[0]])
-    for method in ("ar_generate", "generate", "linear_spec_generate", "fused_spec_generate"):
-        a, _ = getattr(decode_model, method)(
-            ids,
-            max_new_tokens=16,
-            temperature=1.0,
-            eos_token_id=[],
-            generator=torch.Generator().manual_seed(5),
+    for mode in MODES:
+        a, b = (
+            decode_model.decode(
+                ids, mode, 16, temperature=1.0, eos_token_id=[], generator=torch.Generator().manual_seed(5)
+            )[0]
+            for _ in range(2)
         )
-        b, _ = getattr(decode_model, method)(
-            ids,
-            max_new_tokens=16,
-            temperature=1.0,
-            eos_token_id=[],
-            generator=torch.Generator().manual_seed(5),
-        )
-        assert a.tolist() == b.tolist() and 2 not in a[0, 4:].tolist(), method
+        assert a.tolist() == b.tolist() and 2 not in a[0, 4:].tolist(), mode
+
+
+# NLD's entry point of each mode, with options that differ from the mode's defaults.
+ENTRY_POINTS = {
+    "ar": ("ar_generate", {}),
+    "diffusion": ("generate", {"block_length": 4, "threshold": None, "steps": 2}),
+    "self_spec": ("linear_spec_generate", {"block_length": 4, "threshold": 0.5, "verification": "exact"}),
+    "self_spec_fused": ("fused_spec_generate", {"block_length": 4, "redraft": True}),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_entry_point_decodes_in_its_mode(decode_model, mode):
+    """The published entry points are ``decode`` in one mode each, options passed through: greedy and
+    sampled outputs and the passes by kind are the same both ways."""
+    name, options = ENTRY_POINTS[mode]
+    ids = torch.tensor([PROMPTS[0], [0, 0, 0, 900]])
+    padding = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+
+    def run(entry_point, *mode_argument, temperature):
+        common = dict(temperature=temperature, attention_mask=padding, eos_token_id=[], **options)
+        generator = torch.Generator().manual_seed(3)
+        out, nfe = entry_point(ids, *mode_argument, max_new_tokens=12, generator=generator, **common)
+        return out.tolist(), nfe, [row.passes for row in decode_model.last_decoded_rows]
+
+    for temperature in (0.0, 1.0):
+        published = run(getattr(decode_model, name), temperature=temperature)
+        assert published == run(decode_model.decode, mode, temperature=temperature), temperature
+
+
+def test_the_modes_take_their_decoders_options():
+    assert MODES["ar"].options == ()
+    assert MODES["diffusion"].options == ("block_length", "threshold", "steps")
+    assert MODES["self_spec"].options == ("block_length", "threshold", "draft_steps", "verification")
+    assert MODES["self_spec_fused"].options == ("block_length", "verification", "redraft")
+    assert [mode.lookahead for mode in MODES.values()] == [1, 1, 1, 2]  # fused pre-drafts a block ahead
+    with pytest.raises(ValueError, match="threshold does not apply to mode self_spec_fused"):
+        MODES["self_spec_fused"].decoder(8, threshold=0.5)
+    with pytest.raises(ValueError, match="trained with blocks of 8 tokens"):
+        MODES["diffusion"].decoder(8, block_length=16)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+def run_generate(capsys, *argv: str) -> tuple[int, str, str]:
+    """scripts/generate.py's ``main`` in this process: (exit status, stdout, stderr)."""
+    from scripts import generate as cli
+
+    try:
+        status = cli.main(list(argv))
+    except SystemExit as exit:  # argparse's errors
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
-def test_generate_cli_json_and_bad_input(exported, demo_data):
+def test_generate_cli_json_and_bad_input(exported, demo_data, capsys):
     out = str(exported[2])
-    proc = run_script(
-        "scripts/generate.py",
+    status, stdout, stderr = run_generate(
+        capsys,
         "--model",
         out,
         "--mode",
@@ -535,8 +573,8 @@ def test_generate_cli_json_and_bad_input(exported, demo_data):
         "9",
         "--json",
     )
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert status == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
     assert set(result) == {"text", "ids", "nfe", "tpf", "seconds"} and len(result["ids"]) == 9
     assert result["tpf"] == pytest.approx(9 / result["nfe"])
     cases = [
@@ -551,10 +589,11 @@ def test_generate_cli_json_and_bad_input(exported, demo_data):
             ["--model", out, "--mode", "self_spec_fused", "--prompt", "x", "--threshold", "0.5"],
             "--threshold does not apply to self_spec_fused",
         ),
+        (["--model", out, "--mode", "ar", "--prompt", "x", "--block-length", "4"], "--block-length does not"),
     ]
     for args, message in cases:
-        proc = run_script("scripts/generate.py", *args)
-        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-500:])
+        status, _, stderr = run_generate(capsys, *args)
+        assert status != 0 and message in stderr, (args, stderr[-500:])
 
 
 def test_a_folder_that_is_not_an_nld_export_is_refused(tmp_path):
