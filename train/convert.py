@@ -2,8 +2,8 @@
 
 ``export_checkpoint``: a Tandem dist checkpoint saved at any TP/PP -> ``config.json`` (architecture
 ``NemotronLabsDiffusionModel``), safetensors with NLD weight names, the tokenizer, and Tandem's remote
-code (``model.hf.REMOTE_CODE``: the model, its decoders, and the mask and RoPE modules it trains
-with).
+code (``model.hf.REMOTE_CODE``: the model, its decoders, and the mask, RoPE and noise modules it
+trains with).
 ``import_hf``: an NLD folder or a Llama / Mistral / Ministral-3 / Qwen3 causal LM -> a Tandem
 checkpoint (weights only) that the trainer starts from with ``checkpoint.load=... checkpoint.finetune=true``.
 Both write to a temporary folder and rename it when complete.
@@ -42,10 +42,9 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from model.config import ConfigError, Dtype, ModelConfig, ParallelConfig, PrecisionConfig, TransformerImpl
 from model.hf import REMOTE_CODE, keymap
-from model.hf.config_json import HF_DTYPES, MODEL_TYPE, model_from_hf, nld_config
+from model.hf.config_json import HF_DTYPES, MODEL_TYPE, model_from_hf, nld_config, nld_objective
 from model.hf.safetensors_io import SafetensorsSource, write_safetensors
 from model.megatron import build_model
-from tandem_kernels.masks import CleanAttention
 from train import checkpoint as ckpt
 from train.config import TrainConfig
 from train.objectives import ObjectiveConfig
@@ -281,11 +280,8 @@ def export_checkpoint(
     tokenizer = AutoTokenizer.from_pretrained(str(info.tokenizer))
     config = nld_config(
         info.model,
+        info.objective,
         mask_token_id=mask_id,
-        block_size=info.objective.block_size,
-        clean_attention=info.objective.clean_attention.value,
-        dlm_loss_weight=info.objective.diffusion_weight,
-        ar_loss_weight=info.objective.ar_weight,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -350,11 +346,8 @@ def import_hf(
         mask_id, model = _add_mask_token(tokenizer, model)
     if not 0 <= mask_id < model.vocab_size:
         raise ValueError(f"mask token id {mask_id} is outside the vocabulary of {model.vocab_size}")
-    objective = ObjectiveConfig(mask_token_id=mask_id, block_size=block_size or hf.get("block_size", 32))
-    if nld:
-        objective.clean_attention = CleanAttention(hf.get("clean_attention", "causal"))
-        objective.ar_weight = hf.get("ar_loss_weight", 1.0)
-        objective.diffusion_weight = hf.get("dlm_loss_weight") or 0.3
+    objective = ObjectiveConfig(mask_token_id=mask_id, **(nld_objective(hf) if nld else {}))
+    objective.block_size = block_size or objective.block_size
     _check_layout(model, tp, pp)
     precision = PrecisionConfig(dtype=Dtype.bf16 if source.dtypes() == {"BF16"} else Dtype.fp32)
     stored = torch.bfloat16 if precision.dtype is Dtype.bf16 else torch.float32

@@ -3,8 +3,8 @@
 Shipped in every export folder, the remote code ``AutoModel.from_pretrained(dir,
 trust_remote_code=True)`` runs: ``configuration_nemotron_labs_diffusion``,
 ``modeling_nemotron_labs_diffusion``, ``tandem_decoding`` (the decoders and their registry ``MODES``),
-and beside them two of Tandem's own modules under sibling names (``SIBLINGS``): the attention-mask
-predicates and the rotary tables.
+and beside them three of Tandem's own modules under sibling names (``SIBLINGS``): the attention-mask
+predicates, the rotary tables and the noise schemes the trainer draws masks with.
 
 Used here only: ``config_json`` (config.json to and from ``ModelConfig``), ``keymap`` (weight names),
 ``safetensors_io`` (weight files read and written a tensor at a time), ``load`` (``load_export``, how
@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 from model import rope
-from tandem_kernels import masks
+from tandem_kernels import masks, noise
 
 # Sibling name in the export folder -> the module Tandem trains with.
-SIBLINGS = {"tandem_masks": masks, "tandem_rope": rope}
+SIBLINGS = {"tandem_masks": masks, "tandem_rope": rope, "tandem_noise": noise}
 for _name, _module in SIBLINGS.items():
     sys.modules[f"{__name__}.{_name}"] = _module
 

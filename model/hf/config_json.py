@@ -3,9 +3,13 @@ Tandem imports (Llama, Mistral, Ministral-3, Qwen3, and Nemotron-Labs-Diffusion 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from model.config import ConfigError, ModelConfig, RopeConfig, RopeType
+from tandem_kernels.masks import CleanAttention
+from tandem_kernels.noise import MaskingKind
 
 # The weight dtypes an export is written or loaded in, by their Hugging Face names.
 HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,20 +30,38 @@ IMPORTABLE = {
 }
 
 
+# The options of tandem_noise.Masking an export records (its kind as ``kind``, its block size as
+# ``block_size``); the objective's fields of the same names.
+MASKING_OPTIONS = ("eps", "t_min", "t_max", "resample", "half_life_ratio", "drafter_fraction")
+
+
+class Objective(Protocol):
+    """What an export records of the objective its checkpoint trained with (an ``ObjectiveConfig``)."""
+
+    block_size: int
+    clean_attention: CleanAttention
+    ar_weight: float
+    diffusion_weight: float
+    masking: MaskingKind
+    eps: float
+    t_min: float
+    t_max: float
+    resample: bool
+    half_life_ratio: float
+    drafter_fraction: float
+
+
 def nld_config(
     model: ModelConfig,
+    objective: Objective,
     *,
     mask_token_id: int,
-    block_size: int,
-    clean_attention: str,
-    dlm_loss_weight: float,
-    ar_loss_weight: float,
     eos_token_id: int | None,
     bos_token_id: int | None,
     pad_token_id: int | None,
     dtype: str,
 ) -> dict:
-    """The ``config.json`` of an export."""
+    """The ``config.json`` of an export of a model trained with ``objective``."""
     return {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
@@ -65,15 +87,35 @@ def nld_config(
         "tie_word_embeddings": False,
         "initializer_range": model.init_method_std,
         "mask_token_id": mask_token_id,
-        "block_size": block_size,
+        "block_size": objective.block_size,
         "dlm_paradigm": "bidirectional",
-        "clean_attention": clean_attention,
-        "dlm_loss_weight": dlm_loss_weight,
-        "ar_loss_weight": ar_loss_weight,
+        "clean_attention": objective.clean_attention.value,
+        "dlm_loss_weight": objective.diffusion_weight,
+        "ar_loss_weight": objective.ar_weight,
+        # The noise of the export's training call: the trainer's own.
+        "masking": {"kind": objective.masking.value, **{k: getattr(objective, k) for k in MASKING_OPTIONS}},
         "eos_token_id": eos_token_id,
         "bos_token_id": bos_token_id,
         "pad_token_id": pad_token_id,
         "dtype": dtype,
+    }
+
+
+def nld_objective(hf: dict) -> dict:
+    """The objective an NLD ``config.json`` records, as ``ObjectiveConfig`` field values (the inverse
+    of ``nld_config``). It is read through the export's own configuration class, so a key the file
+    leaves out means what it means to the export's code: NLD's choices."""
+    from model.hf.configuration_nemotron_labs_diffusion import NemotronLabsDiffusionConfig
+
+    config = NemotronLabsDiffusionConfig(**hf)
+    noise = config.noise()
+    return {
+        "block_size": config.block_size,
+        "clean_attention": CleanAttention(config.clean_attention),
+        "ar_weight": config.ar_loss_weight,
+        "diffusion_weight": config.dlm_loss_weight,
+        "masking": noise.kind,
+        **{name: getattr(noise, name) for name in MASKING_OPTIONS},
     }
 
 

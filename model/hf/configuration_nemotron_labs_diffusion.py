@@ -2,13 +2,23 @@
 
 The field names follow the published NLD config (``mask_token_id``, ``block_size``, ``dlm_paradigm``,
 ``dlm_loss_weight``, ``ar_loss_weight``, ``rope_parameters``, GQA fields, an untied head); Tandem adds
-``qk_layernorm`` (Qwen3-style models) and ``clean_attention`` (how the clean half of the training
-sequence attends to itself: "causal" as in NLD, or "block_causal" as in BD3-LM).
+``qk_layernorm`` (Qwen3-style models), ``clean_attention`` (how the clean half of the training
+sequence attends to itself: "causal" as in NLD, or "block_causal" as in BD3-LM) and ``masking`` (the
+noise of the training call: ``kind`` and the other fields of ``tandem_noise.Masking`` but its block
+size, which is ``block_size``). What a config leaves out means what it means in NLD.
 """
+
+from dataclasses import fields
 
 from transformers import PretrainedConfig
 
+from .tandem_noise import Masking, MaskingKind
+
 DLM_PARADIGMS = ("bidirectional", "autoregressive", "block_diff")
+# NLD's weight of the diffusion loss, for a config that leaves it out (or null).
+DLM_LOSS_WEIGHT = 0.3
+# NLD's noise: one level per sequence; every other option at ``Masking``'s default (eps 1e-3, t in [0, 1]).
+NLD_MASKING = {"kind": MaskingKind.sequence.value}
 
 
 class NemotronLabsDiffusionConfig(PretrainedConfig):
@@ -31,8 +41,9 @@ class NemotronLabsDiffusionConfig(PretrainedConfig):
         block_size: int = 32,
         dlm_paradigm: str = "bidirectional",
         clean_attention: str = "causal",
-        dlm_loss_weight: float | None = 0.3,
+        dlm_loss_weight: float | None = DLM_LOSS_WEIGHT,
         ar_loss_weight: float = 1.0,
+        masking: dict | None = None,
         tie_word_embeddings: bool = False,
         **kwargs,
     ):
@@ -60,6 +71,21 @@ class NemotronLabsDiffusionConfig(PretrainedConfig):
         self.block_size = block_size
         self.dlm_paradigm = dlm_paradigm
         self.clean_attention = clean_attention
-        self.dlm_loss_weight = dlm_loss_weight
+        self.dlm_loss_weight = DLM_LOSS_WEIGHT if dlm_loss_weight is None else dlm_loss_weight
         self.ar_loss_weight = ar_loss_weight
+        self.masking = {**NLD_MASKING, **(masking or {})}
+        self.noise()  # a bad masking kind or option fails here, naming it
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def noise(self) -> Masking:
+        """The noise scheme of the training call, as the trainer builds it from its objective."""
+        options = dict(self.masking)
+        kind = options.pop("kind")
+        kinds = [k.value for k in MaskingKind]
+        others = [f.name for f in fields(Masking) if f.name not in ("kind", "block_size")]
+        if kind not in kinds or not set(options) <= set(others):
+            raise ValueError(
+                f"masking={self.masking}: kind is one of {', '.join(kinds)}; the other keys are among "
+                f"{', '.join(others)}"
+            )
+        return Masking(kind=MaskingKind(kind), block_size=self.block_size, **options)

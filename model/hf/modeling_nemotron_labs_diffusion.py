@@ -13,10 +13,11 @@ Llama/Mistral-style decoder: RMSNorm, GQA attention with RoPE, SwiGLU) and an un
 
 each returning ``(ids, nfe)``: prompt plus generated ids, and the number of forward passes. They are
 thin wrappers over ``decode``, which takes the mode (``tandem_decoding.MODES``) and its options.
-``forward`` also takes the NLD training call (``labels``, ``masked_indices``, ``p_mask`` with
-``dlm_paradigm="block_diff"``) and returns the joint loss Tandem's trainer computes. Attention masks
-come from ``tandem_masks`` and rotary tables from ``tandem_rope``: the modules Tandem trains with,
-copied into the folder.
+``forward`` also takes the NLD training call (``labels`` with ``dlm_paradigm="block_diff"``) and
+returns the joint loss Tandem's trainer computes, drawing the noise (unless given) with the trainer's
+own schemes (``tandem_noise``, configured by ``config.masking``), from one generator per row when
+given: the trainer's generators draw the trainer's masks. Attention masks come from ``tandem_masks``
+and rotary tables from ``tandem_rope``: the modules Tandem trains with, copied into the folder.
 
 Legend: B batch, S sequence, T keys (cache + sequence), N heads, G key/value groups, H head_dim.
 """
@@ -213,6 +214,8 @@ class NemotronLabsDiffusionOutput(ModelOutput):
     causal_logits: torch.Tensor | None = None  # [B, L, V]; the clean (AR) half in block_diff training
     loss_sum: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
+    masked_indices: torch.Tensor | None = None  # [B, L] bool; the noise of block_diff training
+    p_mask: torch.Tensor | None = None  # [B, L]; the masking probability of each position
     cache: object | None = None  # the transformers Cache of NLD's cached call
 
     @property
@@ -270,6 +273,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         ar_labels: torch.LongTensor | None = None,
         skip_loss: bool = False,
         dlm_paradigm: str | None = None,
+        generators: list[torch.Generator] | None = None,
         past_key_values=None,
         use_cache: bool = False,
         use_causal_mask: bool | None = None,
@@ -286,10 +290,12 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         Without labels the paradigm (``dlm_paradigm`` or the config's) picks the mask: "autoregressive"
         (causal), "bidirectional", or "block_diff" (``input_ids`` is ``[x_t ; x_0]``).
         With ``labels`` and "block_diff": NLD's training call. ``input_ids`` is the clean sequence x_0;
-        ``masked_indices`` [B, L] and ``p_mask`` [B, L] (or per row [B, 1]) give the noise (sampled here
-        when absent); the model runs ``[x_t ; x_0]`` once and returns the joint loss. The AR part
-        predicts ``labels[:, 1:]`` from positions 0..L-2 (NLD); pass ``ar_labels`` [B, L] (the next token
-        at every position, Megatron's convention) to score all L positions as Tandem's trainer does.
+        ``masked_indices`` [B, L] and ``p_mask`` [B, L] (or per row [B, 1]) give the noise; when absent
+        it is drawn by ``config.noise()`` (the trainer's scheme), row i from ``generators[i]`` (CPU
+        generators; default: seeded from torch's global generator), never where ``loss_mask`` [B, L] is 0.
+        The model runs ``[x_t ; x_0]`` once and returns the joint loss and the noise it used. The AR
+        part predicts ``labels[:, 1:]`` from positions 0..L-2 (NLD); pass ``ar_labels`` [B, L] (the next
+        token at every position, Megatron's convention) to score all L positions as Tandem's trainer does.
         """
         if past_key_values is not None or use_causal_mask is not None:
             out = self.encoder(
@@ -307,6 +313,8 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         if paradigm not in PARADIGM_MASKS:
             raise ValueError(f"dlm_paradigm={paradigm!r}; allowed: {', '.join(PARADIGM_MASKS)}")
         if labels is not None and paradigm == "block_diff":
+            if masked_indices is None:
+                masked_indices, p_mask = self._draw_noise(input_ids, loss_mask, generators)
             return self._joint_forward(
                 input_ids, labels, masked_indices, p_mask, loss_mask, ar_labels, skip_loss
             )
@@ -326,16 +334,20 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
             )
         return NemotronLabsDiffusionOutput(logits=self._logits(input_ids, position_ids, mask))
 
+    def _draw_noise(self, clean, loss_mask, generators):
+        """(masked [B, L], p [B, L]) drawn as the trainer draws them, on the CPU (the data side)."""
+        loss_mask = torch.ones(clean.shape) if loss_mask is None else loss_mask.cpu()
+        if generators is None:
+            seeds = torch.randint(2**62, (len(clean),)).tolist()
+            generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        masked, p = self.config.noise()(loss_mask, generators)
+        return masked.to(clean.device), p.to(clean.device)
+
     def _joint_forward(self, clean, labels, masked_indices, p_mask, loss_mask, ar_labels, skip_loss):
         B, L = clean.shape
         device = clean.device
         if loss_mask is None:
             loss_mask = torch.ones(B, L, device=device)
-        if masked_indices is None:
-            eps = 1e-3
-            t = torch.rand(B, 1, device=device)
-            p_mask = ((1 - eps) * t + eps).expand(B, L)
-            masked_indices = torch.rand(B, L, device=device) < p_mask
         masked_indices = masked_indices.bool() & (loss_mask > 0)
         p_mask = p_mask.expand(B, L) if p_mask.dim() == 2 else p_mask.view(B, 1).expand(B, L)
         noisy = torch.where(masked_indices, torch.full_like(clean, self.config.mask_token_id), clean)
@@ -345,7 +357,12 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
         logits = self._logits(tokens, positions, mask)
         diffusion_logits, causal_logits = logits[:, :L], logits[:, L:]
         if skip_loss:
-            return NemotronLabsDiffusionOutput(logits=diffusion_logits, causal_logits=causal_logits)
+            return NemotronLabsDiffusionOutput(
+                logits=diffusion_logits,
+                causal_logits=causal_logits,
+                masked_indices=masked_indices,
+                p_mask=p_mask,
+            )
         ce = F.cross_entropy(diffusion_logits.float().transpose(1, 2), labels, reduction="none")  # [B, L]
         diffusion_sum = torch.where(masked_indices, ce / p_mask, torch.zeros_like(ce)).sum()
         if ar_labels is not None:
@@ -357,8 +374,7 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
             )
             ar_weight = loss_mask[:, 1:]
         ar_sum = torch.where(ar_weight > 0, ar_ce * ar_weight, torch.zeros_like(ar_ce)).sum()
-        dlm_w = self.config.dlm_loss_weight if self.config.dlm_loss_weight is not None else 0.3
-        loss_sum = self.config.ar_loss_weight * ar_sum + dlm_w * diffusion_sum
+        loss_sum = self.config.ar_loss_weight * ar_sum + self.config.dlm_loss_weight * diffusion_sum
         num_tokens = masked_indices.sum() + (ar_weight > 0).sum()
         return NemotronLabsDiffusionOutput(
             loss=loss_sum / num_tokens.clamp(min=1),
@@ -366,6 +382,8 @@ class NemotronLabsDiffusionModel(PreTrainedModel):
             causal_logits=causal_logits,
             loss_sum=loss_sum,
             num_tokens=num_tokens,
+            masked_indices=masked_indices,
+            p_mask=p_mask,
         )
 
     # ---- decoding -------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The Hugging Face export: round trips, logits parity with Megatron and with transformers' own classes,
-the export loaded in a clean interpreter, the NLD training call, and the decoders against plain
-full-recompute references."""
+the export loaded in a clean interpreter, the NLD training call (its noise drawn as the trainer draws
+it), and the decoders against plain full-recompute references."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,11 +18,12 @@ from omegaconf import OmegaConf
 
 from model import rope
 from model.attention import attention_inputs
-from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
+from model.config import AttentionBackend, ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
 from model.hf import MODES, decode, encode_prompt, keymap, load_export
-from model.hf.config_json import model_from_hf
+from model.hf.config_json import MODEL_TYPE, model_from_hf, nld_config, nld_objective
 from model.megatron import build_model, forward
-from tandem_kernels import masks
+from tandem_kernels import masks, noise
+from tandem_kernels.noise import MaskingKind, mask_seed
 from tests.factories import export_in_transformers, tiny_model
 from tests.model.reference_decoding import (
     reference_ar,
@@ -102,23 +104,28 @@ def test_export_folder_has_the_nld_format(exported):
     assert "encoder.embed_tokens.weight" in names and "diffusion_head.weight" in names
     assert "encoder.layers.1.self_attn.q_norm.weight" in names
     assert {n.split(".")[0] for n in names} == {"encoder", "diffusion_head"}
-    assert {"tandem_masks.py", "tandem_rope.py", "tandem_decoding.py"} <= {p.name for p in out.iterdir()}
+    assert {"tandem_masks.py", "tandem_rope.py", "tandem_noise.py", "tandem_decoding.py"} <= {
+        p.name for p in out.iterdir()
+    }
     assert (out / "tokenizer.json").is_file()
 
 
 def test_the_remote_codes_siblings_are_the_modules_tandem_trains_with():
+    from model.hf import configuration_nemotron_labs_diffusion as configuration
     from model.hf import modeling_nemotron_labs_diffusion as modeling
     from model.hf import tandem_decoding
 
     assert sys.modules["model.hf.tandem_masks"] is masks
     assert sys.modules["model.hf.tandem_rope"] is rope
+    assert sys.modules["model.hf.tandem_noise"] is noise
     assert modeling.CleanAttention is masks.CleanAttention  # one enum, not a copy of it
     assert tandem_decoding.block_decode is masks.block_decode and modeling.rotate is rope.rotate
+    assert configuration.Masking is noise.Masking
 
 
-def probe(masks) -> dict[str, torch.Tensor]:
-    """What a mask module gives: every predicate on a grid (run on Tandem's module and on an export's
-    copy)."""
+def probe(masks, noise) -> dict[str, torch.Tensor]:
+    """What a mask module and a noise module give: every predicate on a grid, every masking scheme's
+    draws from seeded generators (run on Tandem's modules and on an export's copies)."""
     out = {}
     for clean in masks.CleanAttention:
         out[f"block_diffusion_{clean.value}"] = masks.dense(masks.block_diffusion(16, 4, clean), 32, 32)
@@ -134,6 +141,13 @@ def probe(masks) -> dict[str, torch.Tensor]:
     for name, predicate in predicates.items():
         out[name] = masks.dense(predicate, 8, 23)
     out["speculate_fused_positions"] = masks.speculate_fused_positions(3, 4)
+    loss_mask = torch.ones(3, 16)
+    loss_mask[1, 10:] = 0
+    for kind in noise.MaskingKind:
+        for name, options in {"": {}, "_clipped": {"t_min": 0.3, "t_max": 0.6, "resample": True}}.items():
+            scheme = noise.Masking(kind=kind, block_size=4, drafter_fraction=0.3, **options)
+            generators = [torch.Generator().manual_seed(noise.mask_seed(1, "valid", i)) for i in range(3)]
+            out[f"{kind.value}{name}_masked"], out[f"{kind.value}{name}_p"] = scheme(loss_mask, generators)
     return out
 
 
@@ -150,7 +164,7 @@ from transformers import AutoModel
 folder, out = sys.argv[1:]
 model = AutoModel.from_pretrained(folder, trust_remote_code=True, local_files_only=True).eval()
 package = type(model).__module__.rsplit(".", 1)[0]
-results = probe(sys.modules[package + ".tandem_masks"])
+results = probe(sys.modules[package + ".tandem_masks"], sys.modules[package + ".tandem_noise"])
 with torch.no_grad():
     results["logits"] = model(torch.arange(3, 40)[None], dlm_paradigm="autoregressive").logits
 assert not [name for name in sys.modules if name.split(".")[0] in TANDEM]
@@ -160,7 +174,7 @@ torch.save(results, out)
 
 def test_the_export_loads_offline_without_the_repository(exported, hf_model, tmp_path):
     """A fresh interpreter with no network and no Tandem on its path loads the folder, and the mask
-    module shipped in it gives what Tandem's own gives."""
+    and noise modules shipped in it give what Tandem's own give."""
     _, _, out = exported
     script = "import torch\n\n" + inspect.getsource(probe) + CLEAN_LOAD
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
@@ -176,7 +190,7 @@ def test_the_export_loads_offline_without_the_repository(exported, hf_model, tmp
     shipped = torch.load(tmp_path / "probe.pt")
     with torch.no_grad():
         logits = hf_model[0](torch.arange(3, 40)[None], dlm_paradigm="autoregressive").logits
-    expected = {**probe(masks), "logits": logits}
+    expected = {**probe(masks, noise), "logits": logits}
     assert shipped.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(shipped[name], tensor), name
@@ -326,6 +340,148 @@ def test_nld_training_call_returns_the_trainers_loss(exported, hf_model):
         )
     torch.testing.assert_close(out.loss, reduced.loss_sum / reduced.num_tokens, atol=1e-5, rtol=1e-5)
     assert out.logits.shape == out.causal_logits.shape == (2, 16, cfg.vocab_size)
+
+
+# The trainer's masking schemes, as objective overrides.
+MASKINGS = {
+    "sequence": {},
+    "block": {"masking": MaskingKind.block},
+    "position": {"masking": MaskingKind.position, "half_life_ratio": 0.5},
+    "full": {"masking": MaskingKind.full},
+    "clipped_resampled": {"masking": MaskingKind.block, "t_min": 0.3, "t_max": 0.5, "resample": True},
+    "drafter": {"drafter_fraction": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def twins(megatron_single):
+    """(export-side model's weights, a Megatron GPTModel with the same weights, its config)."""
+    from model.hf.modeling_nemotron_labs_diffusion import NemotronLabsDiffusionModel
+
+    cfg = tiny_model(vocab_size=256)  # no padded vocabulary rows: Megatron's softmax is the export's
+    torch.manual_seed(4)
+    weights = NemotronLabsDiffusionModel(nld_twin_config(cfg, ObjectiveConfig(block_size=8))).state_dict()
+    megatron = build_model(cfg, ParallelConfig(), PrecisionConfig()).eval()
+    megatron.load_state_dict(keymap.from_hf(weights, cfg, keymap.LAYOUTS[MODEL_TYPE]))
+    return weights, megatron, cfg
+
+
+def nld_twin_config(cfg: ModelConfig, objective: ObjectiveConfig):
+    """The export's configuration of ``cfg`` trained with ``objective``, as the export writes it."""
+    from model.hf.configuration_nemotron_labs_diffusion import NemotronLabsDiffusionConfig
+
+    json_config = nld_config(
+        cfg,
+        objective,
+        mask_token_id=2,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+        dtype="float32",
+    )
+    return NemotronLabsDiffusionConfig(**json_config)
+
+
+@pytest.mark.parametrize("masking", MASKINGS)
+def test_the_training_call_draws_the_trainers_masks_and_gives_its_loss(twins, masking):
+    """The export's training call, given the generators the trainer draws a batch's masks with, masks
+    the same tokens with the same probabilities and returns the loss of the trainer's step
+    (``train.step.forward`` through Megatron, ``train.objectives.reduce``) for every masking scheme."""
+    from model.attention import AttentionRealiser
+    from model.hf.modeling_nemotron_labs_diffusion import NemotronLabsDiffusionModel
+    from train import step
+    from train.objectives import build_objective, reduce
+
+    weights, megatron, cfg = twins
+    objective_cfg = ObjectiveConfig(block_size=8, **MASKINGS[masking])
+    objective = build_objective(objective_cfg, mask_token_id=2)
+    export = NemotronLabsDiffusionModel(nld_twin_config(cfg, objective_cfg)).eval()
+    export.load_state_dict(weights)
+    B, L, seed, samples = 4, 16, 7, [10, 11, 12, 13]
+    sequence = torch.randint(3, cfg.vocab_size, (B, L + 1), generator=torch.Generator().manual_seed(1))
+    loss_mask = torch.ones(B, L)
+    loss_mask[1, 11:] = 0  # never masked, never scored
+    batch = SimpleNamespace(
+        tokens=sequence[:, :-1],
+        labels=sequence[:, 1:],
+        loss_mask=loss_mask,
+        position_ids=torch.arange(L).expand(B, L),
+        document_ids=None,
+    )
+    context = step.StepContext(
+        objective=objective,
+        device=torch.device("cpu"),
+        attention=AttentionRealiser(cfg, AttentionBackend.sdpa),
+        seed=seed,
+        rank=0,
+        micro_batch_size=B,
+        sequence_length=objective.sequence_length(L),
+    )
+    generators = [torch.Generator().manual_seed(mask_seed(seed, "train", i)) for i in samples]
+    with torch.no_grad():
+        per_token, inputs = step.forward(context, megatron, batch, "train", samples)
+        reduced = reduce(per_token, inputs)
+        out = export(
+            batch.tokens,
+            labels=batch.tokens,
+            ar_labels=batch.labels,
+            loss_mask=batch.loss_mask,
+            dlm_paradigm="block_diff",
+            generators=generators,
+        )
+    masked = inputs.masked[:, :L]
+    assert torch.equal(out.masked_indices, masked) and not masked[1, 11:].any()
+    inverse_p = torch.where(masked, 1 / out.p_mask, torch.zeros_like(out.p_mask))
+    torch.testing.assert_close(inverse_p, inputs.terms["diffusion"].weights[:, :L])
+    torch.testing.assert_close(out.loss, reduced.loss_sum / reduced.num_tokens, atol=1e-5, rtol=1e-5)
+    if masking == "drafter":  # the scheme really fully masked a row here
+        assert (masked == (loss_mask > 0)).all(dim=1).any()
+
+
+def test_without_masking_options_the_training_call_draws_nlds_noise():
+    """A config.json without ``masking`` (NLD's own) draws NLD's noise: one level t per sequence,
+    p = (1 - 1e-3) t + 1e-3 for every token of it."""
+    from model.hf.configuration_nemotron_labs_diffusion import NemotronLabsDiffusionConfig
+
+    scheme = NemotronLabsDiffusionConfig(block_size=8).noise()
+    assert scheme == noise.Masking(kind=MaskingKind.sequence, block_size=8, eps=1e-3, t_min=0.0, t_max=1.0)
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    masked, p = scheme(torch.ones(3, 16), generators)
+    for row, generator in enumerate(torch.Generator().manual_seed(i) for i in range(3)):
+        t = torch.rand(1, generator=generator)  # the level, then the draws, from the row's generator
+        assert torch.allclose(p[row], ((1 - 1e-3) * t + 1e-3).expand(16))
+        assert torch.equal(masked[row], torch.rand(16, generator=generator) < p[row])
+    with pytest.raises(ValueError, match="kind is one of sequence, block, position, full"):
+        NemotronLabsDiffusionConfig(masking={"kind": "everything"})
+
+
+def test_config_json_records_the_objective_and_reads_it_back():
+    objective = ObjectiveConfig(block_size=16, masking=MaskingKind.position, t_min=0.1, drafter_fraction=0.2)
+    objective.clean_attention, objective.diffusion_weight = masks.CleanAttention.block_causal, 0.5
+    written = nld_config(
+        tiny_model(),
+        objective,
+        mask_token_id=2,
+        eos_token_id=0,
+        bos_token_id=0,
+        pad_token_id=None,
+        dtype="float32",
+    )
+    assert written["masking"] == {
+        "kind": "position",
+        "eps": 1e-3,
+        "t_min": 0.1,
+        "t_max": 1.0,
+        "resample": False,
+        "half_life_ratio": 0.25,
+        "drafter_fraction": 0.2,
+    }
+    fields = ("block_size", "clean_attention", "ar_weight", "diffusion_weight", "masking", "eps", "t_min")
+    read = nld_objective(written)
+    assert {k: read[k] for k in fields} == {k: getattr(objective, k) for k in fields}
+    # NLD's own config.json: no masking options, no loss weight.
+    nld = {k: v for k, v in written.items() if k not in ("masking", "dlm_loss_weight", "clean_attention")}
+    assert ObjectiveConfig(**nld_objective(nld)) == ObjectiveConfig(block_size=16, diffusion_weight=0.3)
 
 
 def test_round_trip_megatron_hf_megatron_is_exact(exported, tmp_path):
