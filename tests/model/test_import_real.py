@@ -16,7 +16,6 @@ from model.config import ParallelConfig, PrecisionConfig
 from model.hf import encode_prompt, load_export
 from model.megatron import build_model, forward
 from tandem_kernels import masks
-from tests.conftest import free_port
 from train.convert import export_checkpoint, find_checkpoint, import_hf, load_megatron_state
 
 pytestmark = pytest.mark.slow
@@ -123,33 +122,21 @@ def test_tied_llama_gets_an_untied_head_and_a_new_mask_token(megatron_single, tm
 
 def test_export_from_a_tensor_parallel_run_round_trips(demo_data, tmp_path):
     """Megatron at TP=2 -> HF -> Megatron: identical weights."""
-    import os
     import subprocess
-    import sys
 
-    from tests.conftest import REPO
-    from tests.train.test_trainer import SMALL
+    from tests.conftest import REPO, process_env, torchrun_command
+    from tests.factories import SMALL_RUN
 
     run_dir = tmp_path / "tp2"
-    env = dict(os.environ, TANDEM_DATA=str(demo_data), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "train",
-        *SMALL,
-        "parallel=tp2",
-        "steps=1",
-        f"run_dir={run_dir}",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    cmd = torchrun_command(2, "-m", "train", *SMALL_RUN, "parallel=tp2", "steps=1", f"run_dir={run_dir}")
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=process_env(TANDEM_DATA=str(demo_data)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from train.distributed import single_process
 
