@@ -196,31 +196,23 @@ def fork(
 
 
 def _child(target, log: Path, env: dict[str, str], hook) -> None:
-    code = 97
+    os.setpgid(0, 0)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.chdir(REPO)
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    if hook is not None:
+        hook()
     try:
-        os.setpgid(0, 0)
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.chdir(REPO)
-        os.environ.update(env)
-        torch.set_num_threads(1)
-        if hook is not None:
-            hook()
-        try:
-            code = target() or 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        _report_leftovers()
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        code = 98
+        code = target()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _report_leftovers()
+    # Leaving as a process does: multiprocessing's exit runs the finalizers (a Manager process, which
+    # megatron's checkpoint writer starts, is shut down instead of outliving this one) and joins
+    # non-daemon threads; an exception or SystemExit out of ``target`` ends it as an interpreter would.
+    sys.exit(code)
 
 
 def _report_leftovers() -> None:
