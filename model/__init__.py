@@ -1,4 +1,4 @@
-"""The network: config, megatron.core model, attention, rotary embeddings, HF key maps, CPU support."""
+"""The network: config, megatron.core model, attention, rotary embeddings, HF format (hf/), CPU support."""
 
 import warnings
 

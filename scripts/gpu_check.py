@@ -24,7 +24,7 @@ others; each reports pass / fail / skip, its figures and its time):
 6. resume: ``python -m train``'s loop (train.loop.run) on a smaller model for 6 steps with a
    checkpoint at step 3, then a second run resumed from that checkpoint: its losses at steps 4-6 must
    equal the first run's exactly.
-7. export: the checkpoint to a Hugging Face folder (train.hf.export_checkpoint).
+7. export: the checkpoint to a Hugging Face folder (train.convert.export_checkpoint).
 8. decode: the export on the GPU in all four modes (ar, diffusion, self_spec, self_spec_fused),
    greedy, fp32: self-speculation must reproduce AR token for token; sampled decoding with a GPU
    generator in every mode; TPF and tokens/s per mode.

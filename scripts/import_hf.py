@@ -24,8 +24,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
     parser.add_argument("--out", required=True, help="the Tandem checkpoint folder to write")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument(
+        "--tp", type=int, default=1, help="parallel.tensor of the runs that will load it (checked)"
+    )
+    parser.add_argument(
+        "--pp", type=int, default=1, help="parallel.pipeline of the runs that will load it (checked)"
+    )
     parser.add_argument("--mask-id", type=int, help="an existing token id to use as [MASK]")
     parser.add_argument("--block-size", type=int, help="diffusion block size to record (default 32)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

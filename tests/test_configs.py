@@ -263,7 +263,7 @@ def test_the_smollm2_recipe_matches_the_checkpoint_its_preparation_imports(smoll
     """experiment=smollm2_ar2dlm starts from scripts/prepare_smollm2.py's checkpoint: its model config must
     be that checkpoint's (the trainer loads the weights into it), its data that tokenizer's."""
     from scripts.prepare_smollm2 import prepare
-    from train.hf import find_checkpoint
+    from train.convert import find_checkpoint
 
     monkeypatch.setenv("TANDEM_SMOLLM2", str(tmp_path))
     (tmp_path / "hf").symlink_to(smollm2_hf)

@@ -40,14 +40,15 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from model.config import ConfigError, Dtype, ModelConfig, ParallelConfig, PrecisionConfig, TransformerImpl
+from model.config import Dtype, ModelConfig, ParallelConfig, PrecisionConfig, TransformerImpl
 from model.hf import REMOTE_CODE, keymap
 from model.hf.config_json import HF_DTYPES, MODEL_TYPE, model_from_hf, nld_config, nld_objective
 from model.hf.safetensors_io import SafetensorsSource, write_safetensors
 from model.megatron import build_model
 from train import checkpoint as ckpt
-from train.config import TrainConfig
+from train.config import TrainConfig, to_yaml
 from train.objectives import ObjectiveConfig
+from train.validation import Environment, validate
 
 
 @dataclass
@@ -268,6 +269,10 @@ def export_checkpoint(
     from data.tokenizer import load_tokenizer_info
 
     info = find_checkpoint(checkpoint)
+    validate(
+        TrainConfig(model=info.model, objective=info.objective, precision=info.precision),
+        environment=Environment(),
+    )
     out = Path(out)
     dtype = dtype or ("bfloat16" if info.precision.dtype is Dtype.bf16 else "float32")
     if dtype not in HF_DTYPES:
@@ -344,16 +349,17 @@ def import_hf(
     added_mask = mask_id is None
     if added_mask:
         mask_id, model = _add_mask_token(tokenizer, model)
-    if not 0 <= mask_id < model.vocab_size:
-        raise ValueError(f"mask token id {mask_id} is outside the vocabulary of {model.vocab_size}")
     objective = ObjectiveConfig(mask_token_id=mask_id, **(nld_objective(hf) if nld else {}))
     objective.block_size = block_size or objective.block_size
-    _check_layout(model, tp, pp)
     precision = PrecisionConfig(dtype=Dtype.bf16 if source.dtypes() == {"BF16"} else Dtype.fp32)
     stored = torch.bfloat16 if precision.dtype is Dtype.bf16 else torch.float32
-    train_cfg = OmegaConf.structured(TrainConfig)
-    train_cfg.model, train_cfg.objective, train_cfg.precision = model, objective, precision
-    config_yaml = OmegaConf.to_yaml(train_cfg)
+    checkpoint = TrainConfig(model=model, objective=objective, precision=precision)
+    # The trainer's rules for these shapes, in the layout the runs that load it will use.
+    validate(
+        dataclasses.replace(checkpoint, parallel=ParallelConfig(tensor=tp, pipeline=pp)),
+        environment=Environment(),
+    )
+    config_yaml = to_yaml(checkpoint)
 
     from train.distributed import single_process
 
@@ -432,14 +438,6 @@ class _ConvertedModel:
 
     def sharded_state_dict(self) -> dict:
         return self._sharded
-
-
-def _check_layout(model: ModelConfig, tp: int, pp: int) -> None:
-    for name in ("num_attention_heads", "query_groups", "ffn_hidden_size", "padded_vocab_size"):
-        if getattr(model, name) % tp:
-            raise ConfigError(f"--tp {tp} does not divide {name}={getattr(model, name)} of this model")
-    if model.num_layers % pp:
-        raise ConfigError(f"--pp {pp} does not divide the {model.num_layers} layers of this model")
 
 
 def _add_mask_token(tokenizer, model: ModelConfig) -> tuple[int, ModelConfig]:

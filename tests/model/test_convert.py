@@ -21,8 +21,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from model import cpu, keymap
+from model import cpu
 from model.config import ModelConfig, ParallelConfig, PrecisionConfig
+from model.hf import keymap
 from model.hf.config_json import MODEL_TYPE
 from model.megatron import build_model
 from tests.conftest import run_torchrun

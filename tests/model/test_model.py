@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import keymap
 from model.attention import attention_inputs
 from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
+from model.hf import keymap
 from model.megatron import build_model, forward
 from tandem_kernels import flex, masks
 from tests.factories import hf_twin, tiny_model

@@ -138,7 +138,7 @@ class _Tokenizer:
 )
 def test_decoding_refuses_nothing_to_generate_and_overlong_requests(prompt_length, max_new_tokens, why):
     """The export's decoders check both before any pass (generate.py prints the message as its error)."""
-    from model.generation import decode
+    from model.hf import decode
 
     model = tiny_nld_model()
     with pytest.raises(ValueError, match=why):

@@ -199,8 +199,8 @@ def test_bf16_mixed_precision_trains_resumes_and_exports(demo_data, tmp_path):
     assert sorted(got) == [1, 2, 3, 4] and all(math.isfinite(v) for v in got.values())
     from safetensors.torch import load_file
 
+    from train.convert import export_checkpoint
     from train.distributed import single_process
-    from train.hf import export_checkpoint
 
     with single_process():
         out = export_checkpoint(run_dir, tmp_path / "hf")
