@@ -134,7 +134,7 @@ def load_megatron_state(info: CheckpointInfo) -> dict[str, torch.Tensor]:
         loaded = ckpt.load(info.folder.parent, [model], None, weights_only=True, only=info.folder)
         if loaded is None:
             raise RuntimeError(f"could not load {info.folder}")
-        return {k: v.detach().cpu() for k, v in keymap.to_local_names(model.state_dict()).items()}
+        return {k: v.detach().cpu() for k, v in keymap.without_extra_state(model.state_dict()).items()}
 
 
 def _local(model: ModelConfig) -> ModelConfig:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
-
-from model.config import ConfigError, ModelConfig, RopeConfig, RopeType
+from model.config import ConfigError, Dtype, ModelConfig, RopeConfig, RopeType
 from tandem_kernels.masks import CleanAttention
 from tandem_kernels.noise import MaskingKind
 
-# The weight dtypes an export is written or loaded in, by their Hugging Face names.
-HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The weight dtypes an export is written or loaded in, by their Hugging Face names ("bfloat16", ...).
+HF_DTYPES = {str(dtype.torch).removeprefix("torch."): dtype.torch for dtype in Dtype}
 ARCHITECTURE = "NemotronLabsDiffusionModel"
 MODEL_TYPE = "nemotron_labs_diffusion"
 AUTO_MAP = {

@@ -227,13 +227,7 @@ _TE_FUSED_NORMS = {
 }
 
 
-def to_local_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename Transformer Engine's fused-norm parameters to the local spec's names; drop TE extra state."""
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith("._extra_state"):
-            continue
-        for fused, local in _TE_FUSED_NORMS.items():
-            name = name.replace(fused, local)
-        out[name] = tensor
-    return out
+def without_extra_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a (local-spec) model's state dict that the key map converts: its parameters,
+    without the ``_extra_state`` entries megatron keeps beside them."""
+    return {name: tensor for name, tensor in state.items() if not name.endswith("._extra_state")}

@@ -166,7 +166,7 @@ def test_export_writes_the_models_own_weights(tp1, tp1_export):
     model, _ = tp1
     model_cfg = tiny_model(**TINY)
     got = weights(tp1_export)
-    assert_identical(got, keymap.to_hf(keymap.to_local_names(model.state_dict()), model_cfg, NLD))
+    assert_identical(got, keymap.to_hf(keymap.without_extra_state(model.state_dict()), model_cfg, NLD))
     assert got["encoder.embed_tokens.weight"].shape == (model_cfg.vocab_size, model_cfg.hidden_size)
     assert json.loads((tp1_export / "config.json").read_text())["dtype"] == "float32"
 
@@ -241,7 +241,7 @@ def test_bf16_import_stores_bf16_and_round_trips(tp1, tmp_path):
 def test_imported_checkpoint_loads_in_the_trainer_at_tp1_and_tp2(tp1, imported, tp2, tmp_path):
     model, _ = tp1
     vocab = tiny_model().vocab_size
-    original = keymap.to_local_names(model.state_dict())
+    original = keymap.without_extra_state(model.state_dict())
     loaded = load_megatron_state(find_checkpoint(imported))  # ckpt.load into a TP=1 model
     assert loaded.keys() == original.keys()
     for name, tensor in original.items():  # HF drops the padding rows; the import pads with zeros
