@@ -575,13 +575,29 @@ def two_trainers(work: Path, demo: Path) -> dict:
     }
 
 
+def _slow_saves(seconds: float) -> None:
+    """A hook: each save starts ``seconds`` late (the window a second Ctrl-C lands in, however loaded
+    the machine is)."""
+    import train.checkpoint as ckpt
+
+    original = ckpt.save
+
+    def save(*args, **kwargs):
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    ckpt.save = save
+
+
 def interrupts(work: Path, demo: Path) -> dict:
-    """Ctrl-C once (save, exit 0) and twice (exit 130 at once), each after a few steps."""
+    """Ctrl-C once (save, exit 0) and twice (exit 130 at once, the second while the save the first
+    asked for is pending), each after a few steps."""
     found = {}
     for name, count in (("once", 1), ("twice", 2)):
         run_dir = work / f"sigint_{name}"
         argv = run_dir_args(run_dir, "steps=1000", "checkpoint.interval=0")
-        child = Start(argv, work / f"sigint_{name}.log", demo)()
+        hook = functools.partial(_slow_saves, 5.0) if count == 2 else None
+        child = Start(argv, work / f"sigint_{name}.log", demo, hook=hook)()
         _wait_for(lambda r=run_dir: metrics_rows(r) >= 2)
         for _ in range(count):
             os.kill(child.pid, signal.SIGINT)
