@@ -156,10 +156,15 @@ def metadata_path(prefix: str | Path) -> Path:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``path`` through a temp file, fsync and rename: readers see all of it or none of it."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write ``path`` through ``<path>.tmp``, fsync and rename: readers see all of it or none of it,
+    and a write that fails (a full disk) leaves no temp file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)

@@ -50,6 +50,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from data.metadata import write_atomic
 from model.config import ModelConfig
 from train.config import OnUnreadable
 from train.distributed import collective_device, from_rank0
@@ -143,19 +144,6 @@ def step_of(path: Path) -> int | None:
     """The step of a checkpoint folder name (``iter_0000200`` -> 200), None for any other name."""
     match = _NAME.fullmatch(path.name)
     return int(match.group(1)) if match else None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
 
 
 def _layout() -> tuple[int, int, int]:
@@ -489,9 +477,9 @@ def save(
                 "tokenizer_fingerprint": tokenizer_fingerprint,
                 "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": hashes[n]} for n in names},
             }
-            _atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
             _replace_folder(tmp, final)
-            _atomic_write(root / LATEST, final.name)
+            write_atomic(root / LATEST, final.name)
         except Exception as err:  # any failure here must reach _agree, or the other ranks wait
             error = err
     _agree(error, "writing its manifest and publishing it", final, tmp)
@@ -704,7 +692,7 @@ def _passed_over(root: Path, damaged: list[_Entry], loaded: _Entry, tried, move_
     log.warning("resumed from %s, an older checkpoint; passed over:\n%s", loaded.path, _listing(tried, []))
     if move_damaged:
         _move_aside(root, [e for e in damaged if e.path is not None])
-        _atomic_write(root / LATEST, loaded.name)
+        write_atomic(root / LATEST, loaded.name)
 
 
 def _start_over(root: Path, entries: list[_Entry], tried, move_damaged: bool) -> None:
