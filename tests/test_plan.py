@@ -29,19 +29,11 @@ SMALL_RECIPES = {"smollm2_ar2dlm", "records_demo"}
 
 
 def small(**overrides) -> ModelConfig:
-    values = dict(
-        name="test",
-        num_layers=3,
-        hidden_size=64,
-        ffn_hidden_size=160,
-        num_attention_heads=4,
-        num_query_groups=2,
-        kv_channels=24,  # != hidden / heads, as in Ministral-3-3B
-        vocab_size=300,  # padded to 384
-        max_position_embeddings=256,
-    )
-    values.update(overrides)
-    return ModelConfig(**values)
+    """tiny_model with three layers and 24-wide heads (!= hidden / heads, as in Ministral-3-3B); its
+    vocabulary of 300 is padded to 384."""
+    from tests.factories import tiny_model
+
+    return tiny_model(**{"num_layers": 3, "kv_channels": 24, **overrides})
 
 
 # ---- parameters ----------------------------------------------------------------------------------
