@@ -13,7 +13,15 @@ from tandem_kernels import masks
 from tandem_kernels.masks import CleanAttention
 from tandem_kernels.noise import Masking, MaskingKind, mask_seed
 from tests.factories import tiny_model
-from train.objectives import BlockDiffusion, CausalLM, Joint, reduce
+from train.objectives import (
+    BlockDiffusion,
+    CausalLM,
+    Joint,
+    ObjectiveConfig,
+    ObjectiveKind,
+    build_objective,
+    reduce,
+)
 
 MASK = 3
 
@@ -259,3 +267,42 @@ def test_block_causal_clean_attention_is_passed_to_the_mask():
     inputs = objective.prepare(hand_batch(), generators(2))
     assert masks.cache_key(inputs.mask_mod) == "block_diffusion_n4_b2_block_causal"
     assert math.isclose(inputs.terms["ar"].scale, 1.0)
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        ObjectiveConfig(kind=ObjectiveKind.ar),
+        ObjectiveConfig(kind=ObjectiveKind.joint, block_size=4),
+        ObjectiveConfig(kind=ObjectiveKind.diffusion, block_size=8),
+        ObjectiveConfig(kind=ObjectiveKind.joint, block_size=4, clean_attention=CleanAttention.block_causal),
+    ],
+    ids=["ar", "joint", "diffusion", "joint_block_causal"],
+)
+def test_an_objective_answers_its_sequence_predicate_and_pairs_as_its_batches_have_them(objective):
+    """What the planner and the FLOP count ask the objective (no mask id, no batch) is what its prepared
+    batches hold: the model sequence length, the predicate, and that predicate's allowed pairs."""
+    L = 16
+    sizing = build_objective(objective)
+    inputs = build_objective(objective, mask_token_id=MASK).prepare(
+        HandBatch(
+            torch.arange(L)[None] + 10,
+            torch.arange(L)[None] + 11,
+            torch.ones(1, L),
+            torch.arange(L)[None],
+        ),
+        generators(1),
+    )
+    S = sizing.sequence_length(L)
+    assert inputs.tokens.shape == (1, S) == (1, L if objective.kind is ObjectiveKind.ar else 2 * L)
+    predicate = masks.dense(sizing.predicate(L), S, S)
+    assert torch.equal(predicate, masks.dense(inputs.mask_mod, S, S))
+    assert sizing.attention_pairs(L) == int(predicate.sum())
+    if objective.kind is not ObjectiveKind.ar:
+        with pytest.raises(ValueError, match="needs the mask token id"):
+            sizing.prepare(
+                HandBatch(
+                    inputs.tokens[:, :L], inputs.tokens[:, :L], torch.ones(1, L), torch.arange(L)[None]
+                ),
+                generators(1),
+            )
