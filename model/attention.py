@@ -65,8 +65,7 @@ class Rotary:
 
 @dataclass(frozen=True)
 class AttentionInputs:
-    """What one forward pass attends to; made by ``AttentionRealiser`` (or ``attention_inputs`` from a
-    mask realised elsewhere)."""
+    """What one forward pass attends to; made by ``AttentionRealiser``."""
 
     mask: DenseMask | FlexMask
     rotary: Rotary
@@ -88,17 +87,6 @@ def rotary_tables(config: ModelConfig, position_ids: torch.Tensor, dtype: torch.
             position_ids, config.rope.llama_4_scaling_beta, config.rope.original_max_position_embeddings
         ).to(dtype)
     return Rotary(cos, sin, scale)
-
-
-def attention_inputs(
-    config: ModelConfig,
-    position_ids: torch.Tensor,
-    mask: torch.Tensor | BlockMask,
-    dtype: torch.dtype = torch.float32,
-) -> AttentionInputs:
-    """``AttentionInputs`` from a mask already realised (a dense bool tensor or a BlockMask)."""
-    realised = FlexMask(mask) if isinstance(mask, BlockMask) else DenseMask(mask)
-    return AttentionInputs(realised, rotary_tables(config, position_ids, dtype))
 
 
 def resolve_backend(backend: AttentionBackend, device: torch.device) -> AttentionBackend:

@@ -22,8 +22,8 @@ def run(out: Path, save: bool = False, tp: int = 1, pp: int = 1) -> None:
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from model.attention import attention_inputs
-    from model.config import ParallelConfig, PrecisionConfig
+    from model.attention import AttentionRealiser
+    from model.config import AttentionBackend, ParallelConfig, PrecisionConfig
     from model.megatron import build_model, forward
     from tandem_kernels import masks
     from tests.factories import tiny_model
@@ -45,7 +45,9 @@ def run(out: Path, save: bool = False, tp: int = 1, pp: int = 1) -> None:
     tokens = torch.randint(0, cfg.vocab_size, (micro_batches, micro_batch_size, 2 * L), generator=generator)
     labels = torch.randint(0, cfg.vocab_size, (micro_batches, micro_batch_size, 2 * L), generator=generator)
     positions = torch.arange(L).repeat(2).expand(micro_batch_size, 2 * L)
-    inputs = attention_inputs(cfg, positions, masks.dense(masks.block_diffusion(L, 4), 2 * L, 2 * L))
+    inputs = AttentionRealiser(cfg, AttentionBackend.sdpa)(
+        positions, masks.block_diffusion(L, 4), per_sample=False
+    )
 
     results = {}
     if pp == 1:

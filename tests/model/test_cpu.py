@@ -63,8 +63,8 @@ def test_megatron_ddp_optimizer_and_schedule_train_on_cpu(megatron_single):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from model.attention import attention_inputs
-    from model.config import ParallelConfig, PrecisionConfig
+    from model.attention import AttentionRealiser
+    from model.config import AttentionBackend, ParallelConfig, PrecisionConfig
     from model.megatron import build_model, forward
     from tandem_kernels import masks
 
@@ -81,7 +81,7 @@ def test_megatron_ddp_optimizer_and_schedule_train_on_cpu(megatron_single):
     )
     tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(16).expand(2, 16)
-    inputs = attention_inputs(cfg, positions, masks.dense(masks.causal(), 16, 16))
+    inputs = AttentionRealiser(cfg, AttentionBackend.sdpa)(positions, masks.causal(), per_sample=False)
 
     def forward_step(data_iterator, stage):
         per_token = forward(stage, tokens[:, :-1], positions, inputs, labels=tokens[:, 1:])

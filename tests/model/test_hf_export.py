@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from model import rope
-from model.attention import attention_inputs
+from model.attention import AttentionRealiser
 from model.config import AttentionBackend, ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
 from model.hf import MODES, decode, encode_prompt, keymap, load_export
 from model.hf.config_json import MODEL_TYPE, model_from_hf, nld_config, nld_objective
@@ -81,11 +81,10 @@ def hf_model(exported):
     return load_export(exported[2])
 
 
-def megatron_logits(model, cfg, tokens, positions, mask):
+def megatron_logits(model, cfg, tokens, positions, predicate):
+    attention = AttentionRealiser(cfg, AttentionBackend.sdpa)(positions, predicate, per_sample=False)
     with torch.no_grad():
-        out = forward(
-            model, tokens, positions, attention_inputs(cfg, positions, mask), runtime_gather_output=True
-        )
+        out = forward(model, tokens, positions, attention, runtime_gather_output=True)
     return out[..., : cfg.vocab_size]
 
 
@@ -295,7 +294,7 @@ def test_hf_logits_equal_megatron(exported, hf_model, pattern):
     if pattern == "training":
         positions = torch.arange(16).repeat(2)[None]
     mask = masks.dense(mask_mod, S, S)
-    ours = megatron_logits(model, cfg, tokens, positions, mask)
+    ours = megatron_logits(model, cfg, tokens, positions, mask_mod)
     with torch.no_grad():
         theirs = hf(tokens, attention_mask=mask, position_ids=positions).logits
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
@@ -324,9 +323,10 @@ def test_nld_training_call_returns_the_trainers_loss(exported, hf_model):
 
     objective = Joint(Fixed(), mask_token_id=2, block_size=8, diffusion_weight=0.3, ar_weight=1.0)
     inputs = objective.prepare(Batch, [])
-    S = inputs.tokens.shape[1]
     with torch.no_grad():
-        attention = attention_inputs(cfg, inputs.position_ids, masks.dense(inputs.predicate(), S, S))
+        attention = AttentionRealiser(cfg, AttentionBackend.sdpa)(
+            inputs.position_ids, inputs.predicate(), inputs.per_sample_mask
+        )
         per_token = forward(model, inputs.tokens, inputs.position_ids, attention, labels=inputs.labels)
     reduced = reduce(per_token, inputs)
     with torch.no_grad():

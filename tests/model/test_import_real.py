@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from model.attention import attention_inputs
-from model.config import ParallelConfig, PrecisionConfig
+from model.attention import AttentionRealiser
+from model.config import AttentionBackend, ParallelConfig, PrecisionConfig
 from model.hf import encode_prompt, load_export
 from model.megatron import build_model, forward
 from tandem_kernels import masks
@@ -44,7 +44,7 @@ def test_imported_smollm2_gives_the_logits_of_transformers(smollm2_hf, smollm2_i
     positions = torch.arange(S)[None]
     with torch.no_grad():
         expected = reference(input_ids=ids).logits
-        attention = attention_inputs(cfg, positions, masks.dense(masks.causal(), S, S))
+        attention = AttentionRealiser(cfg, AttentionBackend.sdpa)(positions, masks.causal(), per_sample=False)
         got = forward(model, ids, positions, attention, runtime_gather_output=True)
     torch.testing.assert_close(got[..., : expected.shape[-1]], expected, atol=2e-4, rtol=1e-4)
     assert got[0, -1, : expected.shape[-1]].argmax() == expected[0, -1].argmax()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.attention import attention_inputs
-from model.config import ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
+from model.attention import AttentionRealiser
+from model.config import AttentionBackend, ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
 from model.hf import keymap
 from model.megatron import build_model, forward
-from tandem_kernels import flex, masks
+from tandem_kernels import masks
 from tests.factories import hf_twin, tiny_model
 
 YARN = RopeConfig(
@@ -46,8 +46,8 @@ def megatron_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
-def logits(model, cfg, tokens, position_ids, mask):
-    inputs = attention_inputs(cfg, position_ids, mask)
+def logits(model, cfg, tokens, position_ids, predicate, backend=AttentionBackend.sdpa):
+    inputs = AttentionRealiser(cfg, backend)(position_ids, predicate, per_sample=False)
     return forward(model, tokens, position_ids, inputs, runtime_gather_output=True)
 
 
@@ -72,9 +72,7 @@ def test_causal_forward_equals_transformers(megatron_single, family, cfg):
     tokens = torch.randint(0, cfg.vocab_size, (2, 40))  # 40 > original_max_position_embeddings of YARN
     positions = torch.arange(40).expand(2, 40)
     with torch.no_grad():
-        ours = logits(model, cfg, tokens, positions, masks.dense(masks.causal(), 40, 40))[
-            ..., : cfg.vocab_size
-        ]
+        ours = logits(model, cfg, tokens, positions, masks.causal())[..., : cfg.vocab_size]
         theirs = reference(input_ids=tokens).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
@@ -119,9 +117,8 @@ def joint_forward(model, cfg, clean, noisy, block):
     L = clean.shape[1]
     tokens = torch.cat([noisy, clean], dim=1)
     positions = torch.arange(L).repeat(2).expand(clean.shape[0], 2 * L)
-    mask = masks.dense(masks.block_diffusion(L, block), 2 * L, 2 * L)
     with torch.no_grad():
-        return logits(model, cfg, tokens, positions, mask)
+        return logits(model, cfg, tokens, positions, masks.block_diffusion(L, block))
 
 
 def test_noisy_logits_of_a_block_ignore_its_own_clean_block(megatron_single):
@@ -151,7 +148,7 @@ def test_clean_half_of_the_joint_forward_is_the_causal_model(megatron_single):
     joint = joint_forward(model, cfg, clean, noisy, 8)
     positions = torch.arange(L).expand(2, L)
     with torch.no_grad():
-        causal = logits(model, cfg, clean, positions, masks.dense(masks.causal(), L, L))
+        causal = logits(model, cfg, clean, positions, masks.causal())
     torch.testing.assert_close(joint[:, L:], causal, atol=1e-5, rtol=1e-5)
 
 
@@ -163,8 +160,8 @@ def test_flex_block_mask_forward_equals_dense_through_the_model(megatron_single)
     positions = torch.arange(L).repeat(2).expand(2, 2 * L)
     mod = masks.block_diffusion(L, B)
     with torch.no_grad():
-        dense_out = logits(model, cfg, tokens, positions, masks.dense(mod, 2 * L, 2 * L))
-        flex_out = logits(model, cfg, tokens, positions, flex.block_mask(mod, 2 * L, 2 * L))
+        dense_out = logits(model, cfg, tokens, positions, mod)
+        flex_out = logits(model, cfg, tokens, positions, mod, AttentionBackend.flex)
     torch.testing.assert_close(flex_out, dense_out, atol=1e-5, rtol=1e-5)
 
 
@@ -173,7 +170,7 @@ def test_backward_reaches_every_parameter(megatron_single):
     model = build(cfg).train()
     tokens = torch.randint(0, cfg.vocab_size, (2, 2 * L))
     positions = torch.arange(L).repeat(2).expand(2, 2 * L)
-    out = logits(model, cfg, tokens, positions, masks.dense(masks.block_diffusion(L, 4), 2 * L, 2 * L))
+    out = logits(model, cfg, tokens, positions, masks.block_diffusion(L, 4))
     out.float().pow(2).mean().backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
@@ -197,12 +194,12 @@ def test_activation_recompute_leaves_loss_and_gradients_unchanged(megatron_singl
     cfg, L = small(qk_layernorm=True), 16
     tokens = torch.randint(0, cfg.vocab_size, (2, 2 * L), generator=torch.Generator().manual_seed(9))
     positions = torch.arange(L).repeat(2).expand(2, 2 * L)
-    mask = masks.dense(masks.block_diffusion(L, 4), 2 * L, 2 * L)
+    attention = AttentionRealiser(cfg, AttentionBackend.sdpa)(positions, masks.block_diffusion(L, 4), False)
 
     def loss_and_grads(parallel):
         torch.manual_seed(0)
         model = build_model(cfg, parallel, PrecisionConfig()).train()
-        per_token = forward(model, tokens, positions, attention_inputs(cfg, positions, mask), labels=tokens)
+        per_token = forward(model, tokens, positions, attention, labels=tokens)
         per_token.sum().backward()
         return per_token.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

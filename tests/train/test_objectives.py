@@ -128,11 +128,13 @@ def tiny_built_model():
 
 
 def model_outputs(cfg, model, inputs):
-    from model.attention import attention_inputs
+    from model.attention import AttentionRealiser
+    from model.config import AttentionBackend
     from model.megatron import forward
 
-    S = inputs.tokens.shape[1]
-    attention = attention_inputs(cfg, inputs.position_ids, masks.dense(inputs.mask_mod, S, S))
+    attention = AttentionRealiser(cfg, AttentionBackend.sdpa)(
+        inputs.position_ids, inputs.predicate(), inputs.per_sample_mask
+    )
     with torch.no_grad():
         per_token = forward(model, inputs.tokens, inputs.position_ids, attention, labels=inputs.labels)
         logits = forward(model, inputs.tokens, inputs.position_ids, attention, runtime_gather_output=True)
