@@ -9,7 +9,6 @@ import functools
 import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -115,17 +114,6 @@ def process_env(**extra: str) -> dict[str, str]:
     """The environment of a fresh interpreter the suite starts: one thread each (two run at once on
     the 2 cores), the repository importable, no warnings."""
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore", **extra)
-
-
-def run_torchrun(script: Path, nproc: int, *args: str, timeout: int = 240) -> str:
-    """Run ``script`` under torchrun on this machine; return its stdout, fail with its output."""
-    cmd = torchrun_command(nproc, str(script), *args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=process_env(), cwd=REPO)
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"torchrun {script.name} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
-        )
-    return proc.stdout
 
 
 # ---- warm forks ----------------------------------------------------------------------------------

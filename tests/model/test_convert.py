@@ -9,8 +9,8 @@ checkpoints: a fresh TP=2 model (``--save``), a checkpoint loaded at TP=2 and sa
 
 from __future__ import annotations
 
-import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ from model.config import ModelConfig, ParallelConfig, PrecisionConfig
 from model.hf import keymap
 from model.hf.config_json import MODEL_TYPE
 from model.megatron import build_model
-from tests.conftest import run_torchrun
+from tests.conftest import run_ranks
 from tests.factories import tiny_model
 from train import checkpoint as ckpt
 from train.config import TrainConfig
@@ -43,43 +43,32 @@ def _config_yaml(model_cfg: ModelConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
-def _worker() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--save", required=True)
-    parser.add_argument("--reshard", nargs=2, required=True, metavar=("SRC", "DST"))
-    parser.add_argument("--save-pp2", required=True)
-    args = parser.parse_args()
-
+def two_ranks(tokenizer: Path, save: Path, reshard: tuple[Path, Path], save_pp2: Path) -> None:
+    """One of two gloo ranks: a random model saved at TP=2 (``save``), the checkpoint ``reshard[0]``
+    loaded at TP=2 and saved again (``reshard[1]``), a random model saved at PP=2 (``save_pp2``)."""
     cpu.enable()
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(2, 1)
     model_cfg = tiny_model(**TINY)
     torch.manual_seed(5)
     model = build_model(model_cfg, ParallelConfig(tensor=2), PrecisionConfig())
-    ckpt.save(
-        Path(args.save),
-        [model],
-        None,
-        ckpt.TrainState(),
-        _config_yaml(model_cfg),
-        tokenizer=Path(args.tokenizer),
-    )
+    ckpt.save(save, [model], None, ckpt.TrainState(), _config_yaml(model_cfg), tokenizer=tokenizer)
 
-    info = find_checkpoint(args.reshard[0])
+    info = find_checkpoint(reshard[0])
     model = build_model(info.model, ParallelConfig(tensor=2), PrecisionConfig())
     loaded = ckpt.load(info.folder.parent, [model], None, weights_only=True, only=info.folder)
     assert loaded is not None, f"could not load {info.folder} at TP=2"
     config_yaml = (info.folder / "config.yaml").read_text()
-    ckpt.save(Path(args.reshard[1]), [model], None, ckpt.TrainState(), config_yaml, tokenizer=info.tokenizer)
+    ckpt.save(reshard[1], [model], None, ckpt.TrainState(), config_yaml, tokenizer=info.tokenizer)
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(1, 2)
     torch.manual_seed(6)
     stage = build_model(model_cfg, ParallelConfig(pipeline=2), PrecisionConfig())  # one layer each
     config_yaml = _config_yaml(model_cfg)
-    ckpt.save(Path(args.save_pp2), [stage], None, ckpt.TrainState(), config_yaml, tokenizer=info.tokenizer)
+    ckpt.save(save_pp2, [stage], None, ckpt.TrainState(), config_yaml, tokenizer=info.tokenizer)
     dist.barrier()
+    parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
 
@@ -146,19 +135,7 @@ def tp2(imported, tokenizer, tmp_path_factory) -> tuple[Path, Path, Path]:
     model saved at PP=2)."""
     root = tmp_path_factory.mktemp("tp2")
     fresh, resharded, pp2 = root / "fresh", root / "resharded", root / "pp2"
-    run_torchrun(
-        Path(__file__),
-        2,
-        "--tokenizer",
-        str(tokenizer),
-        "--save",
-        str(fresh),
-        "--reshard",
-        str(imported),
-        str(resharded),
-        "--save-pp2",
-        str(pp2),
-    )
+    run_ranks(partial(two_ranks, tokenizer, fresh, (imported, resharded), pp2), 2, root / "ranks")
     return fresh, resharded, pp2
 
 
@@ -325,7 +302,3 @@ def test_export_refuses_bad_input_and_leaves_no_temporary_folder(tp1, tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete Tandem checkpoint"):
         export_checkpoint(tmp_path / "taken", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
-
-
-if __name__ == "__main__":
-    _worker()

@@ -122,22 +122,12 @@ def test_tied_llama_gets_an_untied_head_and_a_new_mask_token(megatron_single, tm
 
 def test_export_from_a_tensor_parallel_run_round_trips(demo_data, tmp_path):
     """Megatron at TP=2 -> HF -> Megatron: identical weights."""
-    import subprocess
-
-    from tests.conftest import REPO, process_env, torchrun_command
+    from tests.conftest import run_ranks, trainer
     from tests.factories import SMALL_RUN
 
     run_dir = tmp_path / "tp2"
-    cmd = torchrun_command(2, "-m", "train", *SMALL_RUN, "parallel=tp2", "steps=1", f"run_dir={run_dir}")
-    proc = subprocess.run(
-        cmd,
-        cwd=REPO,
-        env=process_env(TANDEM_DATA=str(demo_data)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = trainer(*SMALL_RUN, "parallel=tp2", "steps=1", f"run_dir={run_dir}")
+    run_ranks(run, 2, tmp_path / "train", env={"TANDEM_DATA": str(demo_data)})
     from train.distributed import single_process
 
     with single_process():

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
 from model.hf import load_export
-from tests.conftest import REPO
+from tests.conftest import run_ranks, trainer
 from tests.factories import SMALL_MODEL
 from train.convert import export_checkpoint
 from train.evaluation import held_out_losses, run_config
@@ -32,16 +29,7 @@ def test_held_out_losses_of_the_export_equal_the_trainers_validation(demo_data, 
         "checkpoint.interval=0",
         f"run_dir={run_dir}",
     ]
-    env = {"TANDEM_DATA": str(demo_data), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "train", *overrides],
-        cwd=REPO,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ranks(trainer(*overrides), 1, tmp_path / "train", env={"TANDEM_DATA": str(demo_data)})
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     validation = next(r for r in rows if r.get("split") == "valid" and r["step"] == 2)
     export = export_checkpoint(run_dir, tmp_path / "hf")
