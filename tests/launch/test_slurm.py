@@ -109,12 +109,17 @@ def train_steps(run_dir: Path) -> list[int]:
     return [row["step"] for row in rows if row["split"] == "train"]
 
 
+# Steps of the walltime test: the signal comes after step 2, so the job stops well before the end even
+# on a loaded machine, and the requeued job has the rest to train.
+STEPS = 16
+
+
 @pytest.mark.slow
 def test_walltime_signal_saves_and_the_requeued_job_resumes(cluster, demo_data):
     cluster["TANDEM_DATA"] = str(demo_data)
     submit = Path(cluster["SLURM_SUBMIT_DIR"])
     run_dir = submit / "run"
-    job = sbatch(cluster, "steps=40")
+    job = sbatch(cluster, f"steps={STEPS}")
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -126,18 +131,18 @@ def test_walltime_signal_saves_and_the_requeued_job_resumes(cluster, demo_data):
     assert job.returncode == 0, output
     assert "SIGUSR1: asking the trainer to save" in output
     stopped_at = max(train_steps(run_dir))
-    assert 2 <= stopped_at < 40, output
+    assert 2 <= stopped_at < STEPS, output
     assert "stopping at step" in output
     assert (run_dir / "checkpoints" / f"iter_{stopped_at:07d}").is_dir()
     assert (Path(cluster["FAKE_SLURM_LOG"])).read_text().split() == ["requeue", JOB_ID]
 
     from train.distributed import free_port
 
-    requeued = sbatch(dict(cluster, SLURM_RESTART_COUNT="1", RDZV_PORT=str(free_port())), "steps=40")
+    requeued = sbatch(dict(cluster, SLURM_RESTART_COUNT="1", RDZV_PORT=str(free_port())), f"steps={STEPS}")
     output, _ = requeued.communicate(timeout=240)
     assert requeued.returncode == 0, output
     assert "resumed from" in output and f"iter_{stopped_at:07d}" in output
-    assert train_steps(run_dir) == list(range(1, 41))
+    assert train_steps(run_dir) == list(range(1, STEPS + 1))
     assert (Path(cluster["FAKE_SLURM_LOG"])).read_text().split() == ["requeue", JOB_ID]  # not again
 
     # One run folder for all ranks, nothing from Hydra; the job's log folder records both starts.
