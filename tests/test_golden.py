@@ -5,13 +5,10 @@ one-source refactor computed (``tests/golden/quickstart.json``, written by that 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, command, run_ranks
 from tests.golden import record
 
 RECORD = REPO / "tests" / "golden" / "quickstart.json"
@@ -21,10 +18,8 @@ pytestmark = pytest.mark.slow
 
 def test_the_tree_reproduces_the_golden_record(demo_data, tmp_path):
     out = tmp_path / "record.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    command = [sys.executable, "-m", "tests.golden.record", "--data", str(demo_data), "--out", str(out)]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    make = command(record.main, "--data", str(demo_data), "--out", str(out))
+    run_ranks(make, 1, tmp_path / "record", timeout=900)
     found = record.compare(json.loads(RECORD.read_text()), json.loads(out.read_text()))
     assert not found, "\n".join(found[:40])
 

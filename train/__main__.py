@@ -1,7 +1,10 @@
-"""`python -m train [overrides]` (or `tandem-train`): compose configs/train.yaml, validate, train.
+"""`python -m train [--cfg] [overrides]` (or `tandem-train`): compose configs/train.yaml, validate, train.
 
-Under torchrun every rank runs this; Hydra writes nothing of its own (no per-rank output folders):
-the run folder is `run_dir`, where the trainer saves the resolved config, logs and checkpoints.
+The arguments are Hydra overrides (``experiment=quickstart steps=200 optim.lr=1e-3``,
+``'data.prefixes=[/data/a,/data/b]'``, ``+key=value``), composed with Hydra's compose API and
+validated once (``train.config.compose_config``); ``--cfg`` prints the validated config and exits.
+Under torchrun every rank runs this; nothing is written outside `run_dir`, where the trainer saves
+the resolved config, logs and checkpoints.
 
 A start or run that fails for a reason the user can fix (config, data, checkpoint, disk, another
 trainer on the folder, divergence) ends with one line naming the error, not a traceback, and exits
@@ -12,28 +15,47 @@ failure and stops the other ranks instead of leaving them in a collective until 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import threading
 
-import hydra
 import torch.distributed as dist
-from omegaconf import DictConfig
 
 from model.config import ConfigError
-from train.config import CONFIG_DIR, load_config, register_configs
+from train.config import CONFIG_DIR, compose_config, to_yaml
 
 # Seconds an exit after a failure may take before it is forced.
 EXIT_GRACE_S = 10.0
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
+def _parser() -> argparse.ArgumentParser:
+    groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+    options = "\n".join(
+        f"  {group:<11} " + ", ".join(sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")))
+        for group in groups
+    )
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a Tandem model as configs/train.yaml and the overrides say.",
+        epilog=f"config groups ({CONFIG_DIR}), chosen with group=option:\n{options}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--cfg", action="store_true", help="print the composed, validated config and exit")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=quickstart steps=200")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        train_cfg = load_config(cfg)
+        train_cfg = compose_config(args.overrides)
     except ConfigError as err:
         print(f"Config error: {err}", file=sys.stderr)
         sys.exit(2)
+    if args.cfg:
+        print(to_yaml(train_cfg), end="")
+        return
     from train.checkpoint import CheckpointError
     from train.loop import run
 
@@ -75,11 +97,6 @@ def _fail(message: str, code: int) -> None:
     watchdog.daemon = True
     watchdog.start()
     sys.exit(code)
-
-
-def main() -> None:
-    register_configs()
-    _main()
 
 
 if __name__ == "__main__":

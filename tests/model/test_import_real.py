@@ -78,17 +78,21 @@ def test_self_speculation_is_lossless_on_smollm2(smollm2_imported, tmp_path):
         "Water boils at",
         "My favourite colour is",
     ]
-    accepted = []
-    for i, prompt in enumerate(prompts):
-        ids = encode_prompt(tokenizer, prompt)
-        ar, _ = model.ar_generate(ids, max_new_tokens=20, eos_token_id=[])
-        spec, _ = model.linear_spec_generate(ids, max_new_tokens=20, block_length=8, eos_token_id=[])
-        assert spec.tolist() == ar.tolist(), prompt
-        accepted += model.last_decoded.accepted
-        if i < 2:  # B + B^2 slots a pass in fp64 on a CPU: two prompts at block 4 keep the suite short
-            fused, _ = model.fused_spec_generate(ids, max_new_tokens=20, block_length=4, eos_token_id=[])
-            assert fused.tolist() == ar.tolist(), ("fused", prompt)
-    assert len(accepted) > 0
+    # One left-padded batch (every row decodes as it would alone: tests/model/test_decoding_batch.py).
+    encoded = [encode_prompt(tokenizer, prompt)[0].tolist() for prompt in prompts]
+    width = max(map(len, encoded))
+    ids = torch.tensor([[0] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    options = dict(max_new_tokens=20, eos_token_id=[])
+    ar, _ = model.ar_generate(ids, attention_mask=mask, **options)
+    spec, _ = model.linear_spec_generate(ids, attention_mask=mask, block_length=8, **options)
+    for prompt, got, expected in zip(prompts, spec.tolist(), ar.tolist(), strict=True):
+        assert got == expected, prompt
+    for row in model.last_decoded_rows:  # the prefill's token, then kept drafts + one AR token a verify
+        assert len(row.tokens) == 20 and 1 + sum(kept + 1 for kept in row.accepted) >= 20, row
+    # B + B^2 slots a pass in fp64 on a CPU: two prompts at block 4 keep the suite short.
+    fused, _ = model.fused_spec_generate(ids[:2], attention_mask=mask[:2], block_length=4, **options)
+    assert fused.tolist() == ar[:2].tolist()
 
 
 def test_tied_llama_gets_an_untied_head_and_a_new_mask_token(megatron_single, tmp_path):
