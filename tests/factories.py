@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from model.config import ModelConfig
+from pathlib import Path
+
+from model.config import ModelConfig, RopeConfig, RopeType
 
 # A two-layer model small enough for CPU steps in a second, on the demo data's vocabulary.
 SMALL_MODEL = [
@@ -44,6 +46,48 @@ def tiny_model(**overrides) -> ModelConfig:
     )
     values.update(overrides)
     return ModelConfig(**values)
+
+
+def ministral3_rope(original_max_position_embeddings: int) -> RopeConfig:
+    """Ministral-3's rotary embedding (YaRN x16, Llama-4 query scaling, as configs/model/rope/ministral3)
+    from a short original context, so that a test's positions cross it."""
+    return RopeConfig(
+        rope_type=RopeType.yarn,
+        rope_theta=1e6,
+        factor=16.0,
+        original_max_position_embeddings=original_max_position_embeddings,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+        llama_4_scaling_beta=0.1,
+    )
+
+
+def tiny_llama_folder(folder: Path, vocab_size: int, tie_word_embeddings: bool, tokens: int = 250):
+    """A Hugging Face folder of a random 2-layer Llama (d=64, GQA 4/2) with a word-level tokenizer of
+    ``tokens`` entries ("t0" ... , EOS "t1") and no mask token; ``vocab_size`` > ``tokens`` leaves spare
+    embedding rows. Returns the transformers model."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({f"t{i}": i for i in range(tokens)}, unk_token="t0"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="t1").save_pretrained(str(folder))
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(folder))
+    return model
 
 
 def tiny_nld_model(seed: int = 0, **overrides):

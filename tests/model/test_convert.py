@@ -27,7 +27,7 @@ from model.hf import keymap
 from model.hf.config_json import MODEL_TYPE
 from model.megatron import build_model
 from tests.conftest import run_ranks
-from tests.factories import tiny_model
+from tests.factories import tiny_llama_folder, tiny_model
 from train import checkpoint as ckpt
 from train.config import TrainConfig
 from train.convert import export_checkpoint, find_checkpoint, import_hf, load_megatron_state
@@ -259,24 +259,7 @@ def test_meta_layout_is_the_layout_of_build_model(megatron_single):
 def test_a_new_mask_token_inside_unused_embedding_rows_keeps_them(megatron_single, tmp_path):
     """A source whose embedding has more rows than its tokenizer (Qwen-style): the new mask token
     takes the first free row, every row stays, and the mask rows are the mean embedding."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.WordLevel({f"t{i}": i for i in range(250)}, unk_token="t0"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="t1").save_pretrained(str(tmp_path / "src"))
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    source = LlamaForCausalLM(config)
-    source.save_pretrained(str(tmp_path / "src"))
+    source = tiny_llama_folder(tmp_path / "src", vocab_size=256, tie_word_embeddings=False)
     info = find_checkpoint(import_hf(tmp_path / "src", tmp_path / "ckpt"))
     assert (info.model.vocab_size, info.objective.mask_token_id) == (256, 250)
     state = load_megatron_state(info)

@@ -18,13 +18,13 @@ from omegaconf import OmegaConf
 
 from model import rope
 from model.attention import AttentionRealiser
-from model.config import AttentionBackend, ModelConfig, ParallelConfig, PrecisionConfig, RopeConfig, RopeType
+from model.config import AttentionBackend, ModelConfig, ParallelConfig, PrecisionConfig
 from model.hf import MODES, decode, encode_prompt, keymap, load_export
 from model.hf.config_json import MODEL_TYPE, model_from_hf, nld_config, nld_objective
 from model.megatron import build_model, forward
 from tandem_kernels import masks, noise
 from tandem_kernels.noise import MaskingKind, mask_seed
-from tests.factories import export_in_transformers, tiny_model
+from tests.factories import export_in_transformers, ministral3_rope, tiny_model
 from tests.model.reference_decoding import (
     reference_ar,
     reference_diffusion,
@@ -36,17 +36,7 @@ from train.config import TrainConfig
 from train.convert import export_checkpoint, find_checkpoint, import_hf, load_megatron_state
 from train.objectives import ObjectiveConfig
 
-YARN = RopeConfig(
-    rope_type=RopeType.yarn,
-    rope_theta=1e6,
-    factor=16.0,
-    original_max_position_embeddings=32,
-    beta_fast=32.0,
-    beta_slow=1.0,
-    mscale=1.0,
-    mscale_all_dim=1.0,
-    llama_4_scaling_beta=0.1,
-)
+YARN = ministral3_rope(original_max_position_embeddings=32)
 
 
 PROMPTS = [[0, 17, 250, 31], [0, 900], [0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [0]]

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from model.attention import AttentionRealiser
 from model.config import AttentionBackend, ParallelConfig, PrecisionConfig
@@ -96,24 +96,9 @@ def test_self_speculation_is_lossless_on_smollm2(smollm2_imported, tmp_path):
 
 
 def test_tied_llama_gets_an_untied_head_and_a_new_mask_token(megatron_single, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tests.factories import tiny_llama_folder
 
-    vocab = {f"t{i}": i for i in range(250)}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="t1").save_pretrained(str(tmp_path / "llama"))
-    config = LlamaConfig(
-        vocab_size=250,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "llama"))
+    tiny_llama_folder(tmp_path / "llama", vocab_size=250, tie_word_embeddings=True)
     out = import_hf(tmp_path / "llama", tmp_path / "tandem", tp=2)
     state = load_megatron_state(find_checkpoint(out))
     embedding, head = state["embedding.word_embeddings.weight"], state["output_layer.weight"]

@@ -10,19 +10,9 @@ from model.config import AttentionBackend, ModelConfig, ParallelConfig, Precisio
 from model.hf import keymap
 from model.megatron import build_model, forward
 from tandem_kernels import masks
-from tests.factories import hf_twin, tiny_model
+from tests.factories import hf_twin, ministral3_rope, tiny_model
 
-YARN = RopeConfig(
-    rope_type=RopeType.yarn,
-    rope_theta=1e6,
-    factor=16.0,
-    original_max_position_embeddings=16,
-    beta_fast=32.0,
-    beta_slow=1.0,
-    mscale=1.0,
-    mscale_all_dim=1.0,
-    llama_4_scaling_beta=0.1,
-)
+YARN = ministral3_rope(original_max_position_embeddings=16)
 LLAMA3 = RopeConfig(
     rope_type=RopeType.llama3,
     rope_theta=5e5,
