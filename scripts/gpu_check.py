@@ -20,7 +20,7 @@ others; each reports pass / fail / skip, its figures and its time):
    steps: step time, tokens/s, TFLOP/s (train.flops, the trainer's count), MFU against the data sheet
    and the measured ceiling, peak memory; losses and gradient norms finite.
 5. train_<fp8 preset>: the same for each FP8 recipe the installed Transformer Engine runs on this GPU
-   (train.validation.validate decides; the others are skipped with the reason).
+   (train.config.validate decides; the others are skipped with the reason).
 6. resume: ``python -m train``'s loop (train.loop.run) on a smaller model for 6 steps with a
    checkpoint at step 3, then a second run resumed from that checkpoint: its losses at steps 4-6 must
    equal the first run's exactly.
@@ -309,7 +309,7 @@ def stage_environment(check: Check) -> dict:
     if torch.cuda.is_available():
         figures["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
         figures["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    from train.validation import Environment
+    from train.config import Environment
 
     figures["transformer_engine"] = Environment.here().te_version
     return figures
@@ -401,12 +401,11 @@ def stage_train(check: Check, preset: str) -> dict:
     """A few steps of the trainer's own step at the ``--size`` shape with ``configs/precision/<preset>``."""
     from data.dataset import build_datasets
     from model.config import ConfigError
-    from train.config import compose_config
+    from train.config import Environment, compose_config
     from train.distributed import init_distributed, shutdown
     from train.flops import gpu_peak_flops
     from train.sampler import BatchSampler
     from train.trainer import Trainer
-    from train.validation import Environment
 
     on_gpu = check.device.type == "cuda"
     if preset != "bf16" and not on_gpu:

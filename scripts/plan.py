@@ -19,10 +19,9 @@ import sys
 from dataclasses import dataclass, replace
 
 from model.config import ConfigError, Dtype, Fp8Recipe, ModelConfig, Recompute, RecomputeMethod
-from train.config import TrainConfig, compose_config
+from train.config import Environment, TrainConfig, compose_config, validate
 from train.flops import PEAK_BF16, forward_flops
 from train.objectives import build_objective
-from train.validation import Environment, validate
 
 GB = 1e9
 
@@ -138,7 +137,7 @@ class Layout:
 
 def layout(cfg: TrainConfig) -> Layout:
     """The data-parallel size and micro-batch count of the launch cluster; raises ConfigError when
-    the trainer would refuse the layout there (``train.validation.validate`` on that world size)."""
+    the trainer would refuse the layout there (``train.config.validate`` on that world size)."""
     world = cfg.launch.nodes * cfg.launch.gpus_per_node
     if world < 1:
         raise ConfigError(

@@ -7,8 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from model.config import ConfigError
-from train.config import CONFIG_DIR, TrainConfig, compose_config
-from train.validation import FP8_MIN_TE, Environment, validate
+from train.config import CONFIG_DIR, FP8_MIN_TE, Environment, TrainConfig, compose_config, validate
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 # The model and the launch cluster each experiment's header names ("local": no cluster).

@@ -46,9 +46,8 @@ from model.hf.config_json import HF_DTYPES, MODEL_TYPE, model_from_hf, nld_confi
 from model.hf.safetensors_io import SafetensorsSource, write_safetensors
 from model.megatron import build_model
 from train import checkpoint as ckpt
-from train.config import TrainConfig, to_yaml
+from train.config import Environment, TrainConfig, to_yaml, validate
 from train.objectives import ObjectiveConfig
-from train.validation import Environment, validate
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Process groups from torchrun's environment: gloo on CPU, NCCL on GPU, then megatron's TP/PP/DP groups.
 
 A plain ``python -m train`` (no torchrun) runs as a world of one. The configuration is validated
-against the world size (``train.validation.validate``) before any group is made.
+against the world size (``train.config.validate``) before any group is made.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from model import cpu
-from train.config import TrainConfig
-from train.validation import validate
+from train.config import TrainConfig, validate
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""train.validation.validate is the one place a configuration's cross-field rules live: the trainer (at
+"""train.config.validate is the one place a configuration's cross-field rules live: the trainer (at
 composition and again against its world size, before any process group), the planner, import and
 export ask it and refuse a bad layout with the same message."""
 
@@ -11,9 +11,8 @@ from model.config import ConfigError, Dtype, Fp8Recipe, ParallelConfig, Precisio
 from scripts import plan
 from tests.factories import tiny_model
 from train import distributed
-from train.config import TrainConfig, compose_config
+from train.config import Environment, TrainConfig, compose_config, validate
 from train.objectives import ObjectiveConfig
-from train.validation import Environment, validate
 
 HEADS_BY_TP3 = r"model\.num_attention_heads=4 is not divisible by parallel\.tensor=3"
 
