@@ -460,7 +460,7 @@ CHECKPOINT_CASES = {
     "metadata_garbage": (".metadata", "garbage", []),
     "manifest_garbage": ("tandem.json", "garbage", []),
     "shard_truncated": ("__0_0.distcp", "truncate", []),
-    "shard_garbage": ("__0_1.distcp", "garbage", []),
+    "shard_garbage": ("last shard", "garbage", []),  # __0_1 (megatron.core 0.16) or __0_0 (0.19)
     "common_garbage": ("common.pt", "garbage", []),
     "config_garbage": ("config.yaml", "garbage", []),
     "previous_fallback": ("__0_0.distcp", "truncate", ["checkpoint.on_unreadable=previous"]),
@@ -484,6 +484,8 @@ def _damage_checkpoint(folder: Path, what: str | None, how: str | None) -> None:
     elif what == "both":
         for step in (2, 3):
             _overwrite(checkpoints / f"iter_{step:07d}" / "__0_0.distcp", keep=0.5)
+    elif what == "last shard":
+        _overwrite(sorted((checkpoints / "iter_0000003").glob("__*.distcp"))[-1], keep=None)
     elif what is not None:
         _overwrite(checkpoints / "iter_0000003" / what, keep=0.5 if how == "truncate" else None)
 
@@ -610,23 +612,24 @@ def interrupts(work: Path, demo: Path) -> dict:
     return found
 
 
-# Files a save writes: megatron's writer processes (the shards), its own process and Tandem's.
-FULL_DISK_TARGETS = [
-    "__0_0.distcp",
-    "__0_1.distcp",
-    ".metadata.tmp",
-    "metadata.json",
-    "config.yaml",
-    "tandem.json.tmp",
-    "latest.tmp",
-]
+# Files a save writes besides megatron's shards: its own process's and Tandem's.
+SAVE_FILES = [".metadata.tmp", "metadata.json", "config.yaml", "tandem.json.tmp", "latest.tmp"]
+
+
+def full_disk_targets(work: Path) -> list[str]:
+    """Every file a save writes: the shards of the reference run's last checkpoint (megatron.core
+    0.16's writer writes two per rank, 0.19's one), then the others."""
+    shards = sorted(p.name for p in (work / "reference/checkpoints/iter_0000003").glob("__*.distcp"))
+    assert shards, "the reference run's checkpoint holds no shard file"
+    return shards + SAVE_FILES
 
 
 def full_disks(work: Path, demo: Path, ref: dict, seed: int) -> list[dict]:
     """The disk fills up during the second save, in each file of it in turn, after a seeded number of
     bytes; the first run's checkpoint is then resumed from."""
     rng = random.Random(seed)
-    budgets = [rng.choice([0, rng.randint(1, 100)]) for _ in FULL_DISK_TARGETS]  # every file is larger
+    targets = full_disk_targets(work)
+    budgets = [rng.choice([0, rng.randint(1, 100)]) for _ in targets]  # every file is larger
     runs = run_groups(
         [
             [
@@ -637,7 +640,7 @@ def full_disks(work: Path, demo: Path, ref: dict, seed: int) -> list[dict]:
                     hook=disk_full(work / f"full{t}.events", 2, target, budgets[t]),
                 )
             ]
-            for t, target in enumerate(FULL_DISK_TARGETS)
+            for t, target in enumerate(targets)
         ]
     )
     found = []
@@ -645,7 +648,7 @@ def full_disks(work: Path, demo: Path, ref: dict, seed: int) -> list[dict]:
         checkpoints = work / f"full{t}" / "checkpoints"
         found.append(
             {
-                "target": FULL_DISK_TARGETS[t],
+                "target": targets[t],
                 "budget": budgets[t],
                 "run": outcome(work / f"full{t}.log", code, seconds),
                 "folders": sorted(p.name for p in checkpoints.iterdir()),
