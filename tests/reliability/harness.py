@@ -476,6 +476,11 @@ CONFIG_CASES = {
 }
 
 
+def _names_a_missing_file(run: Path, what: str | None) -> bool:
+    special = (None, "latest", "both", "last shard")
+    return what not in special and not (run / "checkpoints" / "iter_0000003" / what).exists()
+
+
 def _damage_checkpoint(folder: Path, what: str | None, how: str | None) -> None:
     checkpoints = folder / "checkpoints"
     if what == "latest":
@@ -493,6 +498,13 @@ def _damage_checkpoint(folder: Path, what: str | None, how: str | None) -> None:
 def failing_starts(work: Path, demo: Path, ref_run: Path, nproc: int, names: list[str] | None) -> dict:
     """Each bad config, data and checkpoint case started on ``nproc`` ranks (forked, gloo)."""
     cases, groups, logs = names or [*CONFIG_CASES, *DATA_CASES, *CHECKPOINT_CASES], [], {}
+    # A file some megatron.core releases do not write (0.19 keeps no common.pt): nothing to damage.
+    absent = {
+        name: f"this megatron.core writes no {CHECKPOINT_CASES[name][0]}"
+        for name in cases
+        if name in CHECKPOINT_CASES and _names_a_missing_file(ref_run, CHECKPOINT_CASES[name][0])
+    }
+    cases = [name for name in cases if name not in absent]
     for name in cases:
         folder = work / f"start{nproc}_{name}"
         overrides, env = ["steps=4", "checkpoint.interval=1", "checkpoint.keep=2"], {}
@@ -512,7 +524,7 @@ def failing_starts(work: Path, demo: Path, ref_run: Path, nproc: int, names: lis
         groups.append(
             [Start(run_dir_args(folder, *overrides), logs[name][r], demo, ranks[r]) for r in range(nproc)]
         )
-    found = {}
+    found: dict = dict(absent)
     for name, (codes, seconds) in zip(cases, run_groups(groups), strict=True):
         found[name] = [outcome(log, code, seconds) for log, code in zip(logs[name], codes, strict=True)]
         checkpoints = work / f"start{nproc}_{name}" / "checkpoints"
