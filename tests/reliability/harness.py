@@ -109,10 +109,14 @@ def outcome(log: Path, code: int | None, seconds: float) -> dict:
 
 
 def _is_error_line(line: str) -> bool:
+    """A line of the form the trainer ends a failed start with: ``[rank N: ]Name: message``, Name an
+    error's class (``DataError``, ``CheckpointUnreadable``, ...) or ``Config error`` (a library's own
+    log lines, e.g. megatron.core 0.19's "Local worker 0 encountered an error: ...", are not)."""
     head = line.split(": ", 2)
     names = head[1:2] if line.startswith("rank ") else head[:1]
     return bool(names) and (
-        names[0].endswith(("Error", "Unreadable", "Mismatch", "Locked")) or "error" in names[0]
+        names[0] == "Config error"
+        or (" " not in names[0] and names[0].endswith(("Error", "Unreadable", "Mismatch", "Locked")))
     )
 
 
